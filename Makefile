@@ -1,0 +1,37 @@
+# The two commands: `make demo` and `make test`. Each creates/updates .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-faults lint typecheck check dev clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found (Python 3.11+ is required; set PYTHON=...)"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/atelier demo
+
+dev: $(STAMP)
+	$(BIN)/atelier dev
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m faults
+
+lint: $(STAMP)
+	$(BIN)/ruff check orchestrator workers providers tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .atelier .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,37 @@
+"""The HTTP API (FastAPI): ``create_app(settings)``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from orchestrator.api import jobs, misc, problems
+from orchestrator.api.limits import BodySizeLimit
+from orchestrator.runtime import Runtime
+from orchestrator.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.runtime = await Runtime.open(settings)
+        try:
+            yield
+        finally:
+            await app.state.runtime.close()
+
+    app = FastAPI(
+        title="Atelier",
+        version="0.1.0",
+        summary="One API, one job ID and signed webhooks for hosted image, video and music generation.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.include_router(jobs.router)
+    app.include_router(misc.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)  # type: ignore[arg-type]
+    return app

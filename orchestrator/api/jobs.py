@@ -1,0 +1,102 @@
+"""``/v1/jobs``: submit, read, list, cancel, and the event log."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from orchestrator.api.deps import RuntimeDep, TenantDep, owned_job
+from orchestrator.api.problems import Problem
+from orchestrator.models import TERMINAL, JobEvent, JobPage, JobRequest, JobStatus, JobView
+from orchestrator.runtime import Runtime
+from orchestrator.store import Conflict, IdempotencyConflict
+from providers.base import InvalidInput
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+
+
+def validate_request(rt: Runtime, request: JobRequest) -> None:
+    """Everything the provider would refuse, refused here with the field named (nothing is enqueued)."""
+    provider = rt.registry.get(request.provider)
+    if provider is None:
+        names = ", ".join(rt.registry.names()) or "none"
+        raise Problem(422, "Invalid request", f"provider: unknown or unconfigured provider "
+                      f"{request.provider!r} (configured: {names})",
+                      errors=[{"field": "provider", "message": "unknown or unconfigured provider"}])
+    if not provider.settings.api_keys:
+        raise Problem(422, "Invalid request", f"provider: {request.provider} has no API key configured "
+                      "on this server", errors=[{"field": "provider", "message": "no API key configured"}])
+    try:
+        provider.validate(request)
+    except InvalidInput as exc:
+        raise Problem(422, "Invalid request", f"{exc.field}: {exc.message}",
+                      errors=[{"field": exc.field, "message": exc.message}]) from exc
+
+
+@router.post("", status_code=202, response_model=JobView,
+             responses={200: {"description": "An earlier job with the same Idempotency-Key and body"}})
+async def submit_job(request: JobRequest, rt: RuntimeDep, tenant: TenantDep, response: Response,
+                     idempotency_key: IdempotencyKey = None) -> JobView:
+    validate_request(rt, request)
+    provider = rt.registry.get(request.provider)
+    assert provider is not None
+    try:
+        job, created = await rt.jobs.create(tenant, request, idempotency_key=idempotency_key,
+                                            job_timeout=provider.settings.job_timeout_seconds)
+    except IdempotencyConflict as exc:
+        raise Problem(409, "Idempotency key reused", "this Idempotency-Key was used with a different "
+                      "request body", job_id=exc.job_id) from exc
+    response.status_code = 202 if created else 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return await rt.jobs.view(job)
+
+
+@router.get("", response_model=JobPage)
+async def list_jobs(
+    rt: RuntimeDep, tenant: TenantDep,
+    status: JobStatus | None = None,
+    provider: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobPage:
+    page = await rt.store.list(
+        tenant, status=status, provider=provider,
+        created_from=created_after.timestamp() if created_after else None,
+        created_to=created_before.timestamp() if created_before else None,
+        cursor=cursor, limit=limit,
+    )
+    return JobPage(data=[await rt.jobs.view(j) for j in page.jobs], next_cursor=page.next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobView)
+async def get_job(job_id: str, rt: RuntimeDep, tenant: TenantDep) -> JobView:
+    return await rt.jobs.view(await owned_job(rt, tenant, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobView)
+async def cancel_job(job_id: str, rt: RuntimeDep, tenant: TenantDep) -> JobView:
+    for _ in range(5):
+        job = await owned_job(rt, tenant, job_id)
+        if job.status == JobStatus.canceled:
+            return await rt.jobs.view(job)
+        if job.status in TERMINAL:
+            raise Problem(409, "Job already finished", f"job {job_id} is {job.status.value}",
+                          status_code=job.status.value)
+        try:
+            return await rt.jobs.view(await rt.jobs.cancel(job))
+        except Conflict:
+            continue
+    raise Problem(409, "Job is changing", "the job changed repeatedly; retry the cancel")
+
+
+@router.get("/{job_id}/events", response_model=list[JobEvent])
+async def job_events(job_id: str, rt: RuntimeDep, tenant: TenantDep,
+                     after: Annotated[int, Query(ge=0)] = 0) -> list[JobEvent]:
+    await owned_job(rt, tenant, job_id)
+    return await rt.store.events(job_id, after)

@@ -1,0 +1,283 @@
+"""The ``atelier`` command line.
+
+Server side:   serve, worker, dev, demo, sandbox, keys create
+Client side:   submit, get   (talk to --url / ATELIER_URL with --api-key / ATELIER_API_KEY)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from orchestrator import logs
+from orchestrator.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        result: int = args.run(args)
+        return result
+    except KeyboardInterrupt:
+        return 130
+    except CliError as exc:
+        print(f"atelier: {exc}", file=sys.stderr)
+        return 1
+
+
+class CliError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atelier", description="Asynchronous media job orchestrator")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
+    p.add_argument("--host", default=os.environ.get("ATELIER_HOST", "0.0.0.0"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("ATELIER_PORT", "8000")))
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("worker", help="run an arq worker (jobs and webhook queues)")
+    p.add_argument("--queues", default="jobs,webhooks", help="comma-separated: jobs, webhooks")
+    p.add_argument("--completion-wait", type=float, default=30.0,
+                   help="seconds to let running jobs finish after SIGTERM")
+    p.set_defaults(run=cmd_worker)
+
+    p = sub.add_parser("dev", help="everything in one process: private Redis, simulators, API, worker")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--sandbox-port", type=int, default=8790)
+    p.add_argument("--storage", default="./.atelier/storage")
+    p.set_defaults(run=cmd_dev)
+
+    p = sub.add_parser("demo", help="the offline demo: renders a mix of jobs on the simulators")
+    p.add_argument("--storage", default="./.atelier/demo-storage")
+    p.add_argument("--timeout", type=float, default=180.0)
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("sandbox", help="serve the provider simulators alone")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8790)
+    p.set_defaults(run=cmd_sandbox)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", metavar="ACTION")
+    p = keys.add_parser("create", help="create an API key for a tenant (printed once)")
+    p.add_argument("--tenant", required=True)
+    p.set_defaults(run=cmd_keys_create)
+
+    p = sub.add_parser("submit", help="submit a job")
+    _client_args(p)
+    p.add_argument("--provider", required=True)
+    p.add_argument("--kind", required=True, choices=["image", "video", "audio"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt")
+    p.add_argument("--input", help="the job's input as JSON (merged with --prompt)")
+    p.add_argument("--webhook-url")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--wait", action="store_true", help="wait until the job finishes")
+    p.set_defaults(run=cmd_submit)
+
+    p = sub.add_parser("get", help="show a job")
+    _client_args(p)
+    p.add_argument("job_id")
+    p.set_defaults(run=cmd_get)
+    return parser
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("ATELIER_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--api-key", default=os.environ.get("ATELIER_API_KEY"))
+
+
+# -- server commands --------------------------------------------------------------------
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except Exception as exc:  # pydantic's message names the variable
+        raise CliError(f"invalid configuration: {exc}") from exc
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings()
+    logs.configure(settings.log_format, settings.log_level)
+    if args.workers > 1:
+        uvicorn.run("orchestrator.api.app:create_app", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, log_config=None, proxy_headers=True)
+        return 0
+    from orchestrator.api.app import create_app
+
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None, proxy_headers=True)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import run
+
+    settings = _settings()
+    logs.configure(settings.log_format, settings.log_level)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = set(queues) - {"jobs", "webhooks"}
+    if unknown:
+        raise CliError(f"unknown queue(s) {', '.join(sorted(unknown))}: use jobs and/or webhooks")
+    asyncio.run(run(settings, queues=queues, completion_wait=args.completion_wait))
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from orchestrator.devstack import dev_stack
+
+    async def run() -> None:
+        logs.configure("text", os.environ.get("ATELIER_LOG_LEVEL", "INFO"))
+        storage = "file://" + str(Path(args.storage).resolve())
+        async with dev_stack(api_port=args.port, sandbox_port=args.sandbox_port, storage_url=storage,
+                             log_format="text") as stack:
+            print(f"Atelier dev stack is up.\n  API:        {stack.api_url}   (docs: {stack.api_url}/docs)\n"
+                  f"  API key:    {stack.api_key}\n  simulators: {stack.sandbox_url}/<provider>\n"
+                  f"  storage:    {storage}\n  Redis:      {stack.settings.redis_url}\n"
+                  f"Try:\n  export ATELIER_URL={stack.api_url} ATELIER_API_KEY={stack.api_key}\n"
+                  f"  atelier submit --provider replicate --kind image --model black-forest-labs/flux-schnell "
+                  f"--prompt 'a red fox' --wait\nCtrl-C stops everything.", flush=True)
+            await _forever()
+
+    _run_until_interrupted(run())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo import run_demo
+
+    logs.configure("text", "WARNING")
+    return asyncio.run(run_demo(Path(args.storage), args.timeout))
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from orchestrator.devstack import sandbox
+
+    async def run() -> None:
+        async with sandbox(args.port, args.host) as (url, simulators):
+            print(f"Provider simulators on {url}:")
+            for name in simulators:
+                print(f"  {name:<10} {url}/{name}")
+            print(f"Point Atelier at them with ATELIER_SANDBOX=1 ATELIER_SANDBOX_URL={url}", flush=True)
+            await _forever()
+
+    _run_until_interrupted(run())
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from orchestrator.queue import connect
+    from orchestrator.tenants import create_api_key
+
+    settings = _settings()
+
+    async def run() -> str:
+        redis = await connect(settings.redis_url, settings.queue_name)
+        try:
+            return await create_api_key(redis, args.tenant)
+        finally:
+            await redis.aclose()
+
+    try:
+        key = asyncio.run(run())
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise CliError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+    print(key)
+    print(f"(API key for tenant {args.tenant!r}; it is shown only this once)", file=sys.stderr)
+    return 0
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+def _run_until_interrupted(coro: Any) -> None:
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass
+
+
+# -- client commands --------------------------------------------------------------------
+
+def _client(args: argparse.Namespace) -> httpx.Client:
+    if not args.api_key:
+        raise CliError("no API key: pass --api-key or set ATELIER_API_KEY")
+    return httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {args.api_key}"}, timeout=30)
+
+
+def _call(client: httpx.Client, method: str, path: str, **kw: Any) -> dict[str, Any]:
+    try:
+        resp = client.request(method, path, **kw)
+    except httpx.ConnectError as exc:
+        raise CliError(f"cannot connect to {client.base_url} (is the server running?)") from exc
+    if resp.status_code == 401:
+        raise CliError("the server refused the API key (401)")
+    if resp.status_code >= 400:
+        try:
+            problem = resp.json()
+            message = problem.get("detail") or problem.get("title")
+        except ValueError:
+            message = resp.text[:200]
+        raise CliError(f"{resp.status_code}: {message}")
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        job_input = json.loads(args.input) if args.input else {}
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--input is not valid JSON: {exc}") from exc
+    if not isinstance(job_input, dict):
+        raise CliError("--input must be a JSON object")
+    if args.prompt:
+        job_input["prompt"] = args.prompt
+    body: dict[str, Any] = {"provider": args.provider, "kind": args.kind, "model": args.model, "input": job_input}
+    if args.webhook_url:
+        body["webhook_url"] = args.webhook_url
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    with _client(args) as client:
+        job = _call(client, "POST", "/v1/jobs", json=body, headers=headers)
+        if args.wait:
+            job = _wait(client, job["id"])
+    print(json.dumps(job, indent=2))
+    return 0 if not args.wait or job["status"] == "succeeded" else 1
+
+
+def _wait(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    import time
+
+    while True:
+        job = _call(client, "GET", f"/v1/jobs/{job_id}")
+        if job["status"] in ("succeeded", "failed", "canceled", "timed_out"):
+            return job
+        print(f"{job_id}: {job['status']} {job.get('progress') or ''}", file=sys.stderr)
+        time.sleep(1.0)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(json.dumps(_call(client, "GET", f"/v1/jobs/{args.job_id}"), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

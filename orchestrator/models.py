@@ -1,0 +1,227 @@
+"""Domain models shared by the API, the workers and the provider adapters.
+
+``JobRequest`` is what a client sends; ``Job`` is the record we keep (it holds
+internal fields such as the tenant, storage keys and the per-job callback
+token); ``JobView`` is what a client sees.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+MAX_METADATA_BYTES = 4096
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    submitting = "submitting"
+    submitted = "submitted"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+    timed_out = "timed_out"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled, JobStatus.timed_out})
+
+
+class JobKind(StrEnum):
+    image = "image"
+    video = "video"
+    audio = "audio"
+
+
+class Priority(StrEnum):
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobInput(BaseModel):
+    """Common generation inputs; each adapter maps them to its provider's names.
+
+    ``options`` carries the provider's native parameters, passed through after
+    the adapter validated them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, max_length=20_000)
+    negative_prompt: str | None = Field(None, max_length=20_000)
+    image_url: AnyHttpUrl | None = None
+    duration_seconds: float | None = Field(None, gt=0, le=600)
+    aspect_ratio: str | None = Field(None, pattern=r"^\d{1,2}:\d{1,2}$")
+    resolution: str | None = Field(None, pattern=r"^(\d{3,4}p|\d{2,5}x\d{2,5}|[1-8]k)$")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    num_outputs: int | None = Field(None, ge=1, le=8)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = Field(min_length=1, max_length=40)
+    kind: JobKind
+    model: str = Field(min_length=1, max_length=200)
+    input: JobInput = Field(default_factory=JobInput)
+    webhook_url: AnyHttpUrl | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority = Priority.normal
+    # Generation costs money: after an ambiguous submit we fail the job unless the client opts in.
+    retry_unknown_submissions: bool = False
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes of JSON")
+        return value
+
+
+class Output(BaseModel):
+    """One stored output file. ``key`` is our storage key; the URL is minted when read."""
+
+    index: int
+    key: str
+    content_type: str
+    bytes: int
+    sha256: str
+    width: int | None = None
+    height: int | None = None
+    duration_seconds: float | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    provider_detail: Any = None
+
+
+class ProviderOutput(BaseModel):
+    """An output as the provider announced it (before we stored it)."""
+
+    url: str
+    content_type: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+Phase = Literal["throttled", "waiting", "collecting", "canceling"]
+
+
+class Job(BaseModel):
+    """The record of one job, as stored in Redis."""
+
+    id: str
+    tenant: str
+    status: JobStatus = JobStatus.queued
+    provider: str
+    kind: JobKind
+    model: str
+    input: JobInput
+    webhook_url: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority = Priority.normal
+    retry_unknown_submissions: bool = False
+    idempotency_key: str | None = None
+    batch_id: str | None = None
+
+    provider_task_id: str | None = None
+    provider_request_id: str | None = None
+    provider_status: str | None = None
+    # Adapter-private state needed to follow the task (e.g. status URLs); never shown.
+    provider_data: dict[str, Any] = Field(default_factory=dict)
+    provider_outputs: list[ProviderOutput] = Field(default_factory=list)
+    # Which pool key submitted the job (a fingerprint, never the key itself).
+    key_id: str | None = None
+
+    progress: int | None = None
+    phase: Phase | None = None
+    note: str | None = None
+    outputs: list[Output] = Field(default_factory=list)
+    error: JobError | None = None
+    attempts: int = 0
+    polls: int = 0
+    poll_seq: int = 0
+    poll_errors: int = 0
+    callback_token: str = ""
+
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    timestamps: dict[str, datetime] = Field(default_factory=dict)
+    deadline_at: datetime | None = None
+    version: int = 0
+
+
+class OutputView(BaseModel):
+    index: int
+    url: str
+    content_type: str
+    bytes: int
+    sha256: str
+    width: int | None = None
+    height: int | None = None
+    duration_seconds: float | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobView(BaseModel):
+    """A job as clients see it (API responses and webhook payloads)."""
+
+    object: Literal["job"] = "job"
+    id: str
+    status: JobStatus
+    phase: Phase | None = None
+    provider: str
+    kind: JobKind
+    model: str
+    input: JobInput
+    priority: Priority
+    progress: int | None
+    outputs: list[OutputView]
+    error: JobError | None
+    provider_task_id: str | None
+    provider_request_id: str | None
+    provider_status: str | None
+    note: str | None
+    attempts: int
+    metadata: dict[str, Any]
+    webhook_url: str | None
+    batch_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    timestamps: dict[str, datetime]
+    deadline_at: datetime | None
+    sequence: int
+
+
+class JobEvent(BaseModel):
+    """One entry of a job's event log; ``sequence`` is the job version it produced."""
+
+    sequence: int
+    type: str
+    status: JobStatus
+    at: datetime
+    progress: int | None = None
+    error: JobError | None = None
+    note: str | None = None
+
+
+class JobPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobView]
+    next_cursor: str | None

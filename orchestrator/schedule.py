@@ -1,0 +1,27 @@
+"""When to poll next: a fraction of the model's typical duration first, then backoff with jitter."""
+
+from __future__ import annotations
+
+import random
+
+from orchestrator.models import Job
+from orchestrator.settings import Settings
+from providers.base import Provider
+
+FIRST_POLL_FRACTION = 0.25
+JITTER = 0.2
+
+
+def poll_delay(settings: Settings, provider: Provider, job: Job, hint: float | None = None) -> float:
+    """Seconds until the next poll of ``job`` (``job.polls`` polls done so far).
+
+    A provider hint (``Retry-After``, ``openai-poll-after-ms``) wins within the
+    configured bounds.
+    """
+    low, high = settings.poll_min_seconds, provider.settings.poll_max_seconds
+    if hint is not None:
+        return min(max(hint, low), high)
+    first = provider.settings.poll_initial_seconds or FIRST_POLL_FRACTION * provider.typical_seconds(job)
+    delay = max(low, first) * settings.poll_backoff ** max(0, job.polls - 1)
+    delay = min(delay, high)
+    return max(low, delay * random.uniform(1 - JITTER, 1 + JITTER))

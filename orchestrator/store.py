@@ -1,0 +1,277 @@
+"""The Redis store of jobs, their event logs, indexes and webhook deliveries.
+
+Every change to a job is a compare-and-set on its version, done by one Lua
+script together with everything that must not be separated from it: the event
+log entry, the per-tenant status indexes, the sweeper's ``active`` index and
+the webhook deliveries the change causes.
+
+Keys (prefix ``atl:``):
+
+- ``job:{id}``            hash: ``v`` version, ``s`` status, ``t`` tenant, ``d`` job JSON
+- ``job:{id}:ev``         list of event JSON (the job's event log)
+- ``t:{tenant}:jobs``     sorted set of the tenant's job ids (all scores 0; ids sort by time)
+- ``t:{tenant}:st:{s}``   the same, per status
+- ``active``              non-terminal job ids, scored by when the sweeper should look (ms)
+- ``idem:{tenant}:{key}`` ``"{job_id} {body_sha256}"`` for ``Idempotency-Key``
+- ``ptask:{provider}:{task_id}`` -> job id (callbacks, reconciliation)
+- ``wh:{id}``             a webhook delivery (JSON); ``wh:due`` sorted set of pending ones (ms)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from orchestrator.ids import time_prefix
+from orchestrator.models import Job, JobEvent, JobStatus, utcnow
+from orchestrator.webhooks import Delivery
+
+P = "atl:"
+
+_CREATE = """
+if ARGV[8] ~= '' then
+  local existing = redis.call('GET', KEYS[6])
+  if existing then return existing end
+  redis.call('SET', KEYS[6], ARGV[8], 'EX', ARGV[9])
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[10], 'd', ARGV[1], 's', ARGV[2], 't', ARGV[3])
+redis.call('RPUSH', KEYS[2], ARGV[5])
+redis.call('ZADD', KEYS[3], 0, ARGV[6])
+redis.call('ZADD', KEYS[4], 0, ARGV[6])
+redis.call('ZADD', KEYS[5], ARGV[7], ARGV[6])
+return ''
+"""
+
+_UPDATE = """
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return -1 end
+if v ~= ARGV[1] then return 0 end
+local nv = tonumber(v) + 1
+redis.call('HSET', KEYS[1], 'v', nv, 'd', ARGV[2], 's', ARGV[3])
+if KEYS[3] ~= KEYS[4] then
+  redis.call('ZREM', KEYS[3], ARGV[4])
+  redis.call('ZADD', KEYS[4], 0, ARGV[4])
+end
+if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[5]) end
+if ARGV[6] == '-' then
+  redis.call('ZREM', KEYS[5], ARGV[4])
+elseif ARGV[6] ~= '' then
+  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[4])
+end
+for i = 7, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 2])
+  redis.call('ZADD', KEYS[6], ARGV[7], string.sub(KEYS[i], string.len(ARGV[8]) + 1))
+end
+return nv
+"""
+
+
+class Conflict(Exception):
+    """The job changed since it was read; re-read and decide again."""
+
+
+class IdempotencyConflict(Exception):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+# Sentinel for ``active``: remove the job from the sweeper's index.
+REMOVE = -1.0
+
+
+@dataclass
+class Page:
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+def ms(t: float | None = None) -> int:
+    return int((time.time() if t is None else t) * 1000)
+
+
+class JobStore:
+    def __init__(self, redis: Redis, idempotency_ttl_seconds: int = 7 * 24 * 3600) -> None:
+        self.redis = redis
+        self.idempotency_ttl = idempotency_ttl_seconds
+        self._create = redis.register_script(_CREATE)
+        self._update = redis.register_script(_UPDATE)
+
+    # -- keys ----------------------------------------------------------------
+    @staticmethod
+    def job_key(job_id: str) -> str:
+        return f"{P}job:{job_id}"
+
+    @staticmethod
+    def events_key(job_id: str) -> str:
+        return f"{P}job:{job_id}:ev"
+
+    @staticmethod
+    def tenant_key(tenant: str, status: JobStatus | None = None) -> str:
+        return f"{P}t:{tenant}:jobs" if status is None else f"{P}t:{tenant}:st:{status.value}"
+
+    ACTIVE = f"{P}active"
+    DELIVERIES_DUE = f"{P}wh:due"
+
+    @staticmethod
+    def delivery_key(delivery_id: str) -> str:
+        return f"{P}wh:{delivery_id}"
+
+    # -- jobs ----------------------------------------------------------------
+    async def create(self, job: Job, *, active_at: float, body_hash: str | None = None) -> tuple[Job, bool]:
+        """Insert a new job. With an idempotency key, returns the earlier job instead (``False``).
+
+        Raises ``IdempotencyConflict`` when the key was used with a different body.
+        """
+        job.version = 1
+        event = JobEvent(sequence=1, type="job.created", status=job.status, at=job.created_at)
+        idem_key = f"{P}idem:{job.tenant}:{job.idempotency_key}" if job.idempotency_key else f"{P}idem:-"
+        idem_value = f"{job.id} {body_hash}" if job.idempotency_key else ""
+        existing = await self._create(
+            keys=[self.job_key(job.id), self.events_key(job.id), self.tenant_key(job.tenant),
+                  self.tenant_key(job.tenant, job.status), self.ACTIVE, idem_key],
+            args=[job.model_dump_json(), job.status.value, job.tenant, 0, event.model_dump_json(), job.id,
+                  ms(active_at), idem_value, self.idempotency_ttl, job.version],
+        )
+        if existing:
+            prior_id, _, prior_hash = (existing.decode() if isinstance(existing, bytes) else existing).partition(" ")
+            if prior_hash != body_hash:
+                raise IdempotencyConflict(prior_id)
+            prior = await self.get(prior_id)
+            if prior is None:  # the job expired but the key did not: treat as a conflict, never re-create
+                raise IdempotencyConflict(prior_id)
+            return prior, False
+        return job, True
+
+    async def get(self, job_id: str) -> Job | None:
+        raw = await self.redis.hmget(self.job_key(job_id), ["v", "d"])
+        return _job(raw)
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.job_key(job_id), ["v", "d"])
+        return [_job(raw) for raw in await pipe.execute()]
+
+    async def update(
+        self,
+        old: Job,
+        new: Job,
+        *,
+        event: JobEvent | None = None,
+        active_at: float | None = None,
+        deliveries: Sequence[Delivery] = (),
+    ) -> Job:
+        """Compare-and-set ``old`` -> ``new``; append ``event``; record ``deliveries``.
+
+        ``active_at``: when the sweeper should next look at the job (``REMOVE`` to
+        drop it from the index, ``None`` to leave it).
+        """
+        new.version = old.version + 1
+        new.updated_at = utcnow()
+        if event is not None:
+            event.sequence = new.version
+        active = "" if active_at is None else ("-" if active_at == REMOVE else str(ms(active_at)))
+        keys = [self.job_key(old.id), self.events_key(old.id), self.tenant_key(old.tenant, old.status),
+                self.tenant_key(old.tenant, new.status), self.ACTIVE, self.DELIVERIES_DUE]
+        args: list[str | int] = [old.version, new.model_dump_json(), new.status.value, old.id,
+                                 event.model_dump_json() if event else "", active, ms(), f"{P}wh:"]
+        for d in deliveries:
+            keys.append(self.delivery_key(d.id))
+            args.append(d.model_dump_json())
+        result = await self._update(keys=keys, args=args)
+        if result == -1:
+            raise Conflict(f"job {old.id} does not exist")
+        if result == 0:
+            raise Conflict(f"job {old.id} changed concurrently")
+        return new
+
+    async def events(self, job_id: str, after: int = 0) -> list[JobEvent]:
+        raw = await self.redis.lrange(self.events_key(job_id), 0, -1)
+        events = [JobEvent.model_validate_json(r) for r in raw]
+        return [e for e in events if e.sequence > after]
+
+    async def list(
+        self,
+        tenant: str,
+        *,
+        status: JobStatus | None = None,
+        provider: str | None = None,
+        created_from: float | None = None,
+        created_to: float | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page:
+        """Newest first; ``cursor`` is the last id of the previous page."""
+        key = self.tenant_key(tenant, status)
+        upper = f"({cursor}" if cursor else "+"
+        if created_to is not None:
+            bound = f"[job_{time_prefix(ms(created_to) + 1)}"
+            upper = bound if upper == "+" or bound < upper else upper
+        lower = f"[job_{time_prefix(ms(created_from))}" if created_from is not None else "-"
+        found: list[Job] = []
+        scanned = 0
+        while len(found) < limit and scanned < 20 * limit + 1000:
+            ids = await self.redis.zrevrangebylex(key, upper, lower, start=0, num=limit * 2)
+            if not ids:
+                return Page(found, None)
+            ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+            scanned += len(ids)
+            for job in await self.get_many(ids):
+                if job is not None and (provider is None or job.provider == provider):
+                    found.append(job)
+                    if len(found) == limit:
+                        return Page(found, job.id)
+            upper = f"({ids[-1]}"
+        return Page(found, found[-1].id if found else None)
+
+    # -- provider task index ---------------------------------------------------
+    async def claim_task(self, provider: str, task_id: str, job_id: str) -> bool:
+        """Bind a provider task to a job; ``False`` if another job already owns it."""
+        key = f"{P}ptask:{provider}:{task_id}"
+        if await self.redis.set(key, job_id, nx=True):
+            return True
+        owner = await self.redis.get(key)
+        return (owner.decode() if isinstance(owner, bytes) else owner) == job_id
+
+    async def job_for_task(self, provider: str, task_id: str) -> str | None:
+        owner = await self.redis.get(f"{P}ptask:{provider}:{task_id}")
+        return owner.decode() if isinstance(owner, bytes) else owner
+
+    # -- sweeper index -----------------------------------------------------------
+    async def touch_active(self, job_id: str, at: float) -> None:
+        await self.redis.zadd(self.ACTIVE, {job_id: ms(at)}, xx=True)
+
+    async def overdue(self, now: float, limit: int = 500) -> list[str]:
+        ids = await self.redis.zrangebyscore(self.ACTIVE, "-inf", ms(now), start=0, num=limit)
+        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+    # -- webhook deliveries --------------------------------------------------------
+    async def get_delivery(self, delivery_id: str) -> Delivery | None:
+        raw = await self.redis.get(self.delivery_key(delivery_id))
+        return Delivery.model_validate_json(raw) if raw else None
+
+    async def save_delivery(self, delivery: Delivery) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.delivery_key(delivery.id), delivery.model_dump_json())
+        if delivery.status == "pending":
+            pipe.zadd(self.DELIVERIES_DUE, {delivery.id: ms(delivery.next_attempt_at.timestamp())})
+        else:
+            pipe.zrem(self.DELIVERIES_DUE, delivery.id)
+        await pipe.execute()
+
+    async def overdue_deliveries(self, now: float, limit: int = 500) -> list[str]:
+        ids = await self.redis.zrangebyscore(self.DELIVERIES_DUE, "-inf", ms(now), start=0, num=limit)
+        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+
+def _job(raw: list[bytes | str | None]) -> Job | None:
+    version, data = raw
+    if data is None or version is None:
+        return None
+    job = Job.model_validate_json(data)
+    job.version = int(version)
+    return job

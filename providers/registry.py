@@ -1,0 +1,25 @@
+"""The explicit list of provider adapters, and building them from settings."""
+
+from __future__ import annotations
+
+from providers.base import Provider, ProviderSettings
+from providers.replicate import ReplicateProvider
+
+ADAPTERS: dict[str, type[Provider]] = {
+    "replicate": ReplicateProvider,
+}
+
+
+class Registry:
+    """The configured adapters, by provider name."""
+
+    def __init__(self, settings: dict[str, ProviderSettings]) -> None:
+        self.providers: dict[str, Provider] = {
+            name: ADAPTERS[name](cfg) for name, cfg in settings.items() if name in ADAPTERS
+        }
+
+    def get(self, name: str) -> Provider | None:
+        return self.providers.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.providers)

@@ -1,0 +1,223 @@
+"""Replicate predictions API (https://replicate.com/docs/reference/http).
+
+* ``model`` is ``owner/name`` (official model: ``POST /v1/models/{owner}/{name}/predictions``)
+  or ``owner/name:<64-hex version>`` / a bare version id (``POST /v1/predictions``).
+* Statuses ``starting`` (queued), ``processing`` (running), ``succeeded``,
+  ``failed``, ``canceled`` and ``aborted`` (deadline before start). Anything else
+  is non-terminal and logged.
+* ``output`` is any JSON; every HTTPS or ``data:`` URL in it is an output file.
+  Files are removed an hour after an API prediction finishes (``data_removed``).
+* Progress comes from tqdm lines in ``logs`` (as the official client parses them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from orchestrator.models import Job, JobKind, JobRequest, ProviderOutput
+from providers.base import (
+    CallContext,
+    InvalidInput,
+    MalformedResponse,
+    Provider,
+    ProviderSettings,
+    Rejected,
+    SubmitResult,
+    TaskStatus,
+    expect_object,
+    parse_json,
+    raise_for_common_status,
+    send,
+)
+
+log = logging.getLogger(__name__)
+
+_MODEL = re.compile(r"^[a-z0-9][a-z0-9_.-]*/[a-z0-9][a-z0-9_.-]*$", re.IGNORECASE)
+_VERSIONED = re.compile(r"^(?:[a-z0-9][a-z0-9_.-]*/[a-z0-9][a-z0-9_.-]*:)?[0-9a-f]{64}$", re.IGNORECASE)
+_TQDM = re.compile(r"^\s*(\d+)%\s*\|.+?\|\s*(\d+)/(\d+)", re.MULTILINE)
+
+_STATES = {
+    "starting": "queued",
+    "processing": "running",
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "canceled": "canceled",
+    "aborted": "canceled",
+}
+
+# Common input names -> the names most Replicate models use.
+_FIELD_NAMES = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "image_url": "image",
+    "duration_seconds": "duration",
+    "aspect_ratio": "aspect_ratio",
+    "resolution": "resolution",
+    "seed": "seed",
+    "num_outputs": "num_outputs",
+}
+
+
+def replicate_input(job_input: Any) -> dict[str, Any]:
+    """Map the common input fields, then lay the native ``options`` over them."""
+    data = job_input.model_dump(mode="json", exclude_none=True, exclude={"options"})
+    mapped: dict[str, Any] = {}
+    for common, value in data.items():
+        if common == "duration_seconds" and float(value).is_integer():
+            value = int(value)
+        mapped[_FIELD_NAMES[common]] = value
+    mapped.update(job_input.options)
+    return mapped
+
+
+def output_urls(output: Any) -> list[str]:
+    """Every file URL in a prediction's ``output`` (a string, a list, or nested objects)."""
+    if isinstance(output, str):
+        return [output] if output.startswith(("https://", "http://", "data:")) else []
+    if isinstance(output, list):
+        return [u for item in output for u in output_urls(item)]
+    if isinstance(output, dict):
+        return [u for item in output.values() for u in output_urls(item)]
+    return []
+
+
+def tqdm_progress(logs: Any) -> int | None:
+    if not isinstance(logs, str):
+        return None
+    matches = _TQDM.findall(logs)
+    return min(100, int(matches[-1][0])) if matches else None
+
+
+class ReplicateProvider(Provider):
+    name = "replicate"
+    kinds = frozenset({JobKind.image, JobKind.video, JobKind.audio})
+    supports_cancel = True
+    supports_callbacks = True
+    retention = "1 hour (API predictions: inputs, outputs and files are deleted)"
+
+    def __init__(self, settings: ProviderSettings) -> None:
+        super().__init__(settings)
+        self._host = urlsplit(self.base_url).hostname or ""
+
+    def validate(self, request: JobRequest) -> None:
+        super().validate(request)
+        if not (_MODEL.match(request.model) or _VERSIONED.match(request.model)):
+            raise InvalidInput("model", "Replicate models are 'owner/name', 'owner/name:<version id>' "
+                                        "or a 64-character version id")
+        for key in request.input.options:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise InvalidInput(f"input.options.{key}", "Replicate input names are identifiers")
+
+    def _headers(self, ctx: CallContext) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ctx.api_key}", "User-Agent": "atelier"}
+
+    async def submit(self, ctx: CallContext, job: Job) -> SubmitResult:
+        body: dict[str, Any] = {"input": replicate_input(job.input)}
+        if _VERSIONED.match(job.model):
+            url = f"{self.base_url}/v1/predictions"
+            body["version"] = job.model
+        else:
+            url = f"{self.base_url}/v1/models/{job.model}/predictions"
+        if ctx.callback_url:
+            body["webhook"] = ctx.callback_url
+            body["webhook_events_filter"] = ["start", "completed"]
+        request = ctx.http.build_request("POST", url, json=body, headers=self._headers(ctx))
+        response = await send(ctx.http, request, creates=True)
+        if response.status_code in (404, 422):
+            detail = _problem(response)
+            code = "model_not_found" if response.status_code == 404 else "provider_rejected_input"
+            err = Rejected(f"Replicate refused the prediction: {detail.get('detail') or detail}",
+                           detail=detail, status_code=response.status_code)
+            err.code = code
+            raise err
+        raise_for_common_status(response, creates=True, detail=_problem(response))
+        prediction = expect_object(parse_json(response), "prediction")
+        task_id = prediction.get("id")
+        if not isinstance(task_id, str) or not task_id:
+            raise MalformedResponse("Replicate created a prediction without an id", detail=prediction)
+        return SubmitResult(task_id=task_id, status=str(prediction.get("status")))
+
+    async def fetch(self, ctx: CallContext, job: Job) -> TaskStatus:
+        url = f"{self.base_url}/v1/predictions/{job.provider_task_id}"
+        response = await send(ctx.http, ctx.http.build_request("GET", url, headers=self._headers(ctx)))
+        raise_for_common_status(response, detail=_problem(response))
+        return self.parse_prediction(expect_object(parse_json(response), "prediction"))
+
+    def parse_prediction(self, prediction: dict[str, Any]) -> TaskStatus:
+        raw = prediction.get("status")
+        if not isinstance(raw, str):
+            raise MalformedResponse("Replicate prediction has no status", detail=prediction)
+        state = _STATES.get(raw)
+        if state is None:
+            log.warning("replicate: unknown prediction status %r; treating as still running", raw)
+        status = TaskStatus(state=state or "unknown", raw_status=raw,  # type: ignore[arg-type]
+                            progress=tqdm_progress(prediction.get("logs")))
+        if state == "succeeded":
+            urls = output_urls(prediction.get("output"))
+            if not urls:
+                removed = prediction.get("data_removed")
+                status.state = "failed"
+                status.error_code = "output_expired" if removed else "provider_no_output"
+                status.error_message = ("Replicate removed the outputs before they were collected"
+                                        if removed else "Replicate reported success without output files")
+                status.error_detail = {"data_removed": removed}
+            status.outputs = [ProviderOutput(url=u) for u in urls]
+            status.progress = 100
+        elif state == "failed":
+            status.error_code = "provider_failed"
+            status.error_message = str(prediction.get("error") or "Replicate reported the prediction failed")
+            status.error_detail = {"error": prediction.get("error")}
+        elif state == "canceled":
+            status.error_code = "provider_canceled" if raw == "canceled" else "provider_aborted"
+            status.error_message = f"Replicate reports the prediction {raw}"
+        return status
+
+    async def cancel(self, ctx: CallContext, job: Job) -> bool:
+        if not job.provider_task_id:
+            return False
+        url = f"{self.base_url}/v1/predictions/{job.provider_task_id}/cancel"
+        response = await send(ctx.http, ctx.http.build_request("POST", url, headers=self._headers(ctx)))
+        raise_for_common_status(response, detail=_problem(response))
+        return True
+
+    async def reconcile(self, ctx: CallContext, job: Job, since: float) -> SubmitResult | None:
+        """Look for a prediction with exactly our input, created since the attempt began."""
+        after = datetime.fromtimestamp(since, UTC) - timedelta(seconds=5)
+        url = f"{self.base_url}/v1/predictions"
+        params = {"created_after": after.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+        request = ctx.http.build_request("GET", url, params=params, headers=self._headers(ctx))
+        response = await send(ctx.http, request)
+        raise_for_common_status(response, detail=_problem(response))
+        page = expect_object(parse_json(response), "prediction list")
+        wanted = replicate_input(job.input)
+        model = job.model.split(":")[0]
+        for prediction in page.get("results") or []:
+            if not isinstance(prediction, dict):
+                continue
+            same_model = _VERSIONED.match(job.model) or prediction.get("model") in (model, None)
+            if prediction.get("input") == wanted and same_model and isinstance(prediction.get("id"), str):
+                return SubmitResult(task_id=prediction["id"], status=str(prediction.get("status")))
+        return None
+
+    def download_headers(self, ctx: CallContext, url: str) -> dict[str, str]:
+        host = urlsplit(url).hostname or ""
+        if host == self._host or host == "replicate.delivery" or host.endswith(".replicate.delivery"):
+            return self._headers(ctx)
+        return {}
+
+
+def _problem(response: httpx.Response) -> dict[str, Any]:
+    """Replicate errors are problem+json (``title``, ``detail``, ``status``)."""
+    if response.status_code < 400:
+        return {}
+    try:
+        body = response.json()
+    except ValueError:
+        return {"body": response.text[:300]}
+    return body if isinstance(body, dict) else {"body": body}

@@ -1,0 +1,109 @@
+"""Run the arq workers: one on the jobs queue (with the sweeper cron), one on the webhook queue.
+
+Webhook delivery has its own queue so a slow receiver never delays job
+processing. Both workers share one ``Runtime`` in one process; scale out by
+running more processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+from arq import cron, func
+from arq.worker import Worker
+
+from orchestrator.queue import connect, dumps, loads
+from orchestrator.runtime import Runtime
+from orchestrator.settings import Settings
+from workers import tasks
+
+log = logging.getLogger("atelier.worker")
+
+JOB_FUNCTIONS = [
+    func(tasks.submit_job, timeout=120, max_tries=5),
+    func(tasks.poll_job, timeout=60, max_tries=3),
+    func(tasks.collect_outputs, timeout=900, max_tries=3),
+    func(tasks.cancel_at_provider, timeout=60, max_tries=3),
+]
+WEBHOOK_FUNCTIONS = [func(tasks.deliver_webhook, timeout=60, max_tries=3)]
+SWEEP_SECONDS = {0, 10, 20, 30, 40, 50}
+
+
+async def build_workers(settings: Settings, ctx: dict[str, Any], queues: Sequence[str]) -> list[Worker]:
+    common: dict[str, Any] = {
+        "handle_signals": False,
+        "keep_result": 0,
+        "poll_delay": settings.worker_poll_delay,
+        "job_serializer": dumps,
+        "job_deserializer": loads,
+        "ctx": ctx,
+        "health_check_interval": 30,
+    }
+    workers = []
+    if "jobs" in queues:
+        workers.append(Worker(
+            functions=JOB_FUNCTIONS,
+            cron_jobs=[cron(tasks.sweep, second=SWEEP_SECONDS, run_at_startup=True, timeout=60)],
+            queue_name=settings.queue_name, max_jobs=settings.worker_max_jobs,
+            redis_pool=await connect(settings.redis_url, settings.queue_name), **common,
+        ))
+    if "webhooks" in queues:
+        workers.append(Worker(
+            functions=WEBHOOK_FUNCTIONS, queue_name=settings.webhook_queue_name,
+            max_jobs=settings.worker_max_jobs,
+            redis_pool=await connect(settings.redis_url, settings.webhook_queue_name), **common,
+        ))
+    return workers
+
+
+async def run(settings: Settings, *, queues: Sequence[str] = ("jobs", "webhooks"),
+              stop: asyncio.Event | None = None, completion_wait: float = 30.0) -> None:
+    """Run until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is not given)."""
+    rt = await Runtime.open(settings)
+    webhook_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.webhook_timeout_seconds),
+                                     follow_redirects=False)
+    ctx: dict[str, Any] = {"rt": rt, "webhook_http": webhook_http}
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    workers = await build_workers(settings, ctx, queues)
+    runs = [asyncio.create_task(w.async_run()) for w in workers]
+    log.info("worker started on %s", ", ".join(w.queue_name for w in workers))
+    try:
+        done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *runs],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task in runs and task.exception():
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        await _shutdown(workers, completion_wait)
+        for task in runs:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await webhook_http.aclose()
+        await rt.close()
+
+
+async def _shutdown(workers: list[Worker], completion_wait: float) -> None:
+    """Stop taking jobs, let running ones finish for up to ``completion_wait`` seconds, then stop."""
+    for w in workers:
+        w.allow_pick_jobs = False
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(_idle(workers), completion_wait)
+    for w in workers:
+        with contextlib.suppress(Exception):
+            await w.close()
+
+
+async def _idle(workers: list[Worker]) -> None:
+    while any(w.tasks for w in workers):
+        await asyncio.sleep(0.05)

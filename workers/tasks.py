@@ -1,0 +1,538 @@
+"""The worker's job functions. Each is short and holds no slot while a provider works.
+
+submit_job       queued -> submitting -> submitted; the intent is recorded first, and an
+                 ambiguous outcome is reconciled or failed, never blindly resubmitted.
+poll_job         one status fetch; applies it and schedules the next poll (deferred).
+collect_outputs  streams every output into storage, then succeeded.
+cancel_at_provider  tells the provider to stop a canceled job's task, where it can.
+deliver_webhook  one signed delivery attempt; schedules the next on failure.
+sweep            re-schedules jobs and deliveries whose pending work was lost.
+
+All of them re-read the job and act only if it is still in the state they expect:
+arq is at-least-once, and a callback, a sweeper and a poll may race.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+
+from orchestrator import keypool
+from orchestrator.jobs import deadline_passed
+from orchestrator.models import TERMINAL, Job, JobStatus, Output, ProviderOutput, utcnow
+from orchestrator.runtime import Runtime
+from orchestrator.schedule import poll_delay
+from orchestrator.storage import OutputTooLarge, spool
+from orchestrator.store import Conflict
+from orchestrator.tenants import webhook_secret
+from orchestrator.webhooks import Attempt, sign
+from providers.base import (
+    CallContext,
+    MalformedResponse,
+    OutcomeUnknown,
+    Provider,
+    ProviderError,
+    RateLimited,
+    Rejected,
+    TaskNotFound,
+    TaskStatus,
+    Unavailable,
+    retry_after_seconds,
+)
+
+log = logging.getLogger("atelier.worker")
+S = JobStatus
+
+MAX_MALFORMED_POLLS = 3
+MAX_COLLECT_ATTEMPTS = 5
+
+
+def _rt(ctx: dict[str, Any]) -> Runtime:
+    rt: Runtime = ctx["rt"]
+    return rt
+
+
+def _extra(job: Job) -> dict[str, str]:
+    return {"job_id": job.id, "tenant": job.tenant, "provider": job.provider}
+
+
+def _context(rt: Runtime, provider: Provider, job: Job) -> CallContext:
+    """Call context with the key that submitted ``job`` (or, before submission, the one it will use)."""
+    keys = provider.settings.api_keys
+    key = keypool.resolve(keys, job.key_id) if job.key_id else keypool.pick(keys, job)
+    if key is None:
+        raise LookupError(f"the {job.provider} key that submitted this job is no longer configured")
+    return CallContext(http=rt.http, api_key=key, callback_url=None)
+
+
+async def _load(rt: Runtime, job_id: str) -> Job | None:
+    job = await rt.store.get(job_id)
+    if job is None:
+        log.warning("job %s vanished from the store", job_id)
+    return job
+
+
+# -- submit ------------------------------------------------------------------------------
+
+async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
+    rt = _rt(ctx)
+    job = await _load(rt, job_id)
+    if job is None or job.status in TERMINAL:
+        return
+    provider = rt.registry.get(job.provider)
+    if provider is None:
+        await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
+        return
+    if job.status == S.submitting:
+        # A previous attempt recorded its intent and never recorded an outcome (worker died).
+        await _resolve_unknown(rt, provider, job, OutcomeUnknown("a worker stopped during the submission"))
+        return
+    if job.status != S.queued:
+        return
+    if deadline_passed(job):
+        await rt.jobs.fail(job, "timed_out", "the job's deadline passed before it could be submitted",
+                           status=S.timed_out)
+        return
+    try:
+        call = _context(rt, provider, job)
+    except LookupError as exc:
+        await rt.jobs.fail(job, "provider_not_configured", str(exc))
+        return
+    attempt_started = time.time()
+    try:
+        job = await rt.jobs.transition(
+            job, S.submitting, attempts=job.attempts + 1, key_id=keypool.key_id(call.api_key), phase=None,
+            provider_data={**job.provider_data, "submit_started": attempt_started},
+            active_at=attempt_started + provider.settings.timeout_seconds + rt.settings.sweep_grace_seconds,
+        )
+    except Conflict:
+        return  # someone else is submitting it
+    try:
+        result = await provider.submit(call, job)
+    except RateLimited as exc:
+        await _requeue(rt, job, exc, exc.retry_after)
+        return
+    except Unavailable as exc:
+        await _requeue(rt, job, exc, None)
+        return
+    except OutcomeUnknown as exc:
+        await _resolve_unknown(rt, provider, job, exc)
+        return
+    except MalformedResponse as exc:
+        # The provider answered but we cannot read the task id: it may exist.
+        await _resolve_unknown(rt, provider, job, exc)
+        return
+    except Rejected as exc:
+        await _fail_current(rt, job, exc.code, exc.message, exc.detail)
+        return
+    except ProviderError as exc:
+        await _fail_current(rt, job, exc.code, exc.message, exc.detail)
+        return
+    await _submitted(rt, provider, job, result.task_id, result.request_id, result.status, result.data)
+
+
+async def _submitted(rt: Runtime, provider: Provider, job: Job, task_id: str, request_id: str | None,
+                     raw_status: str | None, data: dict[str, Any]) -> None:
+    if not await rt.store.claim_task(job.provider, task_id, job.id):
+        await _fail_current(rt, job, "provider_task_conflict",
+                            f"provider task {task_id} already belongs to another job")
+        return
+    delay = poll_delay(rt.settings, provider, job)
+    current = job
+    for _ in range(5):
+        try:
+            if current.status != S.submitting:
+                break
+            job = await rt.jobs.transition(
+                current, S.submitted, provider_task_id=task_id, provider_request_id=request_id,
+                provider_status=raw_status, provider_data={**current.provider_data, **data},
+                phase="waiting", poll_seq=current.poll_seq + 1,
+                active_at=time.time() + delay + rt.settings.sweep_grace_seconds,
+            )
+            await rt.queue.poll(job.id, job.poll_seq, delay)
+            return
+        except Conflict:
+            fresh = await _load(rt, job.id)
+            if fresh is None:
+                return
+            current = fresh
+    # The job left `submitting` while we talked to the provider (canceled, timed out): stop the task.
+    if current.status in TERMINAL:
+        current = await rt.jobs.change(current, provider_task_id=task_id, provider_request_id=request_id,
+                                       key_id=job.key_id)
+        await rt.queue.cancel_at_provider(current.id)
+
+
+async def _requeue(rt: Runtime, job: Job, exc: ProviderError, retry_after: float | None) -> None:
+    """Nothing was created: back to queued, retried after a pause (throttled, not failed)."""
+    if job.attempts >= rt.settings.submit_max_attempts:
+        await _fail_current(rt, job, exc.code, f"{exc.message} (gave up after {job.attempts} attempts)",
+                            exc.detail)
+        return
+    backoff = min(300.0, 2.0 ** job.attempts) * random.uniform(0.8, 1.2)
+    delay = max(retry_after or 0.0, backoff if retry_after is None else 0.0, 0.1)
+    try:
+        job = await rt.jobs.transition(job, S.queued, phase="throttled", note=exc.message,
+                                       active_at=time.time() + delay + rt.settings.sweep_grace_seconds)
+    except Conflict:
+        return
+    await rt.queue.submit(job.id, job.attempts, delay)
+
+
+async def _resolve_unknown(rt: Runtime, provider: Provider, job: Job, exc: ProviderError) -> None:
+    """The provider may have accepted the submission: find the task, or never pay twice."""
+    since = float(job.provider_data.get("submit_started") or job.created_at.timestamp())
+    try:
+        found = await provider.reconcile(_context(rt, provider, job), job, since)
+    except (ProviderError, LookupError) as rec_exc:
+        log.warning("reconcile failed: %s", rec_exc, extra=_extra(job))
+        found = None
+    if found is not None and not await rt.store.job_for_task(job.provider, found.task_id):
+        log.info("reconciled an ambiguous submission to task %s", found.task_id, extra=_extra(job))
+        await _submitted(rt, provider, job, found.task_id, found.request_id, found.status, found.data)
+        return
+    if job.retry_unknown_submissions:
+        await _requeue(rt, job, exc, None)
+        return
+    await _fail_current(
+        rt, job, "provider_outcome_unknown",
+        f"{exc.message}. The provider may have created (and may bill) a task that Atelier cannot find, "
+        "so it was not resubmitted; set retry_unknown_submissions to allow a retry.",
+        exc.detail,
+    )
+
+
+async def _fail_current(rt: Runtime, job: Job, code: str, message: str, detail: Any = None) -> None:
+    try:
+        await rt.jobs.fail(job, code, message, detail)
+    except Conflict:
+        fresh = await _load(rt, job.id)
+        if fresh is not None and fresh.status not in TERMINAL:
+            await rt.jobs.fail(fresh, code, message, detail)
+
+
+# -- poll --------------------------------------------------------------------------------
+
+async def poll_job(ctx: dict[str, Any], job_id: str, seq: int) -> None:
+    rt = _rt(ctx)
+    job = await _load(rt, job_id)
+    if job is None or job.status not in (S.submitted, S.running) or job.poll_seq != seq:
+        return  # finished, or a newer poll superseded this one
+    if job.phase == "collecting":
+        return
+    provider = rt.registry.get(job.provider)
+    if provider is None:
+        await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
+        return
+    if deadline_passed(job):
+        await _time_out(rt, job)
+        return
+    hint: float | None = None
+    try:
+        status = await provider.fetch(_context(rt, provider, job), job)
+    except RateLimited as exc:
+        hint = exc.retry_after or poll_delay(rt.settings, provider, job) * 2
+        await _next_poll(rt, provider, job, hint, note=exc.message)
+        return
+    except (Unavailable, OutcomeUnknown) as exc:
+        await _next_poll(rt, provider, job, None, note=exc.message)
+        return
+    except MalformedResponse as exc:
+        if job.poll_errors + 1 >= MAX_MALFORMED_POLLS:
+            await _fail_current(rt, job, exc.code, f"{exc.message} ({job.poll_errors + 1} times in a row)",
+                                exc.detail)
+        else:
+            await _next_poll(rt, provider, job, None, note=exc.message, poll_errors=job.poll_errors + 1)
+        return
+    except TaskNotFound as exc:
+        await _fail_current(rt, job, exc.code, exc.message, exc.detail)
+        return
+    except (ProviderError, LookupError) as exc:
+        code = getattr(exc, "code", "provider_error")
+        await _fail_current(rt, job, code, getattr(exc, "message", str(exc)), getattr(exc, "detail", None))
+        return
+    await apply_status(rt, provider, job, status)
+
+
+async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskStatus) -> None:
+    """Apply a fetched provider status to the job (also used after callbacks)."""
+    common: dict[str, Any] = {"provider_status": status.raw_status, "polls": job.polls + 1, "poll_errors": 0}
+    if status.progress is not None:
+        common["progress"] = status.progress
+    if status.request_id:
+        common["provider_request_id"] = status.request_id
+    try:
+        if status.state in ("queued", "unknown"):
+            if status.state == "unknown":
+                log.warning("unknown provider status %r; still waiting", status.raw_status, extra=_extra(job))
+            await _next_poll(rt, provider, job, status.poll_after, **common)
+        elif status.state == "running":
+            if job.status == S.submitted:
+                job = await rt.jobs.transition(job, S.running, **common)
+                common = {}
+            await _next_poll(rt, provider, job, status.poll_after, **common)
+        elif status.state == "succeeded":
+            if job.status == S.submitted:
+                job = await rt.jobs.transition(job, S.running, **common)
+                common = {}
+            n = job.provider_data.get("collects", 0) + 1
+            job = await rt.jobs.change(
+                job, phase="collecting", provider_outputs=status.outputs,
+                provider_data={**job.provider_data, "collects": n},
+                active_at=time.time() + 600 + rt.settings.sweep_grace_seconds, **common)
+            await rt.queue.collect(job.id, n)
+        elif status.state == "failed":
+            await rt.jobs.fail(job, status.error_code or "provider_failed",
+                               status.error_message or "the provider reported the task failed",
+                               status.error_detail)
+        elif status.state == "canceled":
+            await rt.jobs.fail(job, status.error_code or "provider_canceled",
+                               status.error_message or "the provider canceled the task",
+                               status.error_detail, status=S.canceled)
+    except Conflict:
+        log.info("job changed while applying a status; the newer state stands", extra=_extra(job))
+
+
+async def _next_poll(rt: Runtime, provider: Provider, job: Job, hint: float | None, **changes: Any) -> None:
+    delay = poll_delay(rt.settings, provider, job, hint)
+    seq = job.poll_seq + 1
+    try:
+        job = await rt.jobs.change(job, poll_seq=seq, active_at=time.time() + delay + rt.settings.sweep_grace_seconds,
+                                   **changes)
+    except Conflict:
+        return
+    await rt.queue.poll(job.id, seq, delay)
+
+
+async def _time_out(rt: Runtime, job: Job) -> None:
+    try:
+        job = await rt.jobs.fail(job, "timed_out", "the job passed its deadline at the provider",
+                                 status=S.timed_out)
+    except Conflict:
+        return
+    await rt.queue.cancel_at_provider(job.id)
+
+
+# -- collect -----------------------------------------------------------------------------
+
+class OutputUnavailable(Exception):
+    def __init__(self, code: str, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.transient = transient
+
+
+async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
+    rt = _rt(ctx)
+    job = await _load(rt, job_id)
+    if job is None or job.status != S.running or job.phase != "collecting":
+        return
+    provider = rt.registry.get(job.provider)
+    if provider is None:
+        await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
+        return
+    outputs: list[Output] = []
+    try:
+        call = _context(rt, provider, job)
+        for index, ref in enumerate(job.provider_outputs):
+            outputs.append(await _store_output(rt, provider, call, job, index, ref))
+    except OutputUnavailable as exc:
+        n = int(job.provider_data.get("collects", 1))
+        if exc.transient and n < MAX_COLLECT_ATTEMPTS:
+            delay = 2.0 ** n
+            try:
+                job = await rt.jobs.change(job, provider_data={**job.provider_data, "collects": n + 1},
+                                           note=str(exc), active_at=time.time() + delay + 600)
+            except Conflict:
+                return
+            await rt.queue.collect(job.id, n + 1, delay)
+        else:
+            await _fail_current(rt, job, exc.code, str(exc))
+        return
+    except LookupError as exc:
+        await _fail_current(rt, job, "provider_not_configured", str(exc))
+        return
+    if not outputs:
+        await _fail_current(rt, job, "provider_no_output", "the provider reported success without outputs")
+        return
+    try:
+        await rt.jobs.transition(job, S.succeeded, outputs=outputs, note=None)
+    except Conflict:
+        log.info("job changed during collection (canceled?); outputs kept in storage", extra=_extra(job))
+
+
+async def _store_output(rt: Runtime, provider: Provider, call: CallContext, job: Job, index: int,
+                        ref: ProviderOutput) -> Output:
+    max_bytes = rt.settings.max_output_bytes
+    try:
+        if ref.url.startswith("data:"):
+            spooled = await spool(_data_url_chunks(ref.url), max_bytes)
+        else:
+            headers = provider.download_headers(call, ref.url)
+            async with rt.http.stream("GET", ref.url, headers=headers, follow_redirects=True,
+                                      timeout=httpx.Timeout(60.0, connect=10.0)) as response:
+                if response.status_code in (401, 403, 404, 410):
+                    raise OutputUnavailable(
+                        "output_expired",
+                        f"output {index} is no longer available at the provider (HTTP {response.status_code})",
+                        transient=False)
+                if response.status_code >= 400:
+                    raise OutputUnavailable("output_download_failed",
+                                            f"output {index}: provider answered HTTP {response.status_code}",
+                                            transient=True)
+                spooled = await spool(response.aiter_bytes(256 * 1024), max_bytes)
+    except OutputTooLarge as exc:
+        raise OutputUnavailable("output_too_large", f"output {index}: {exc}", transient=False) from exc
+    except httpx.HTTPError as exc:
+        raise OutputUnavailable("output_download_failed",
+                                f"output {index}: download failed ({exc.__class__.__name__})",
+                                transient=True) from exc
+    with spooled.file:
+        media = spooled.media
+        if media is None:
+            raise OutputUnavailable("output_invalid",
+                                    f"output {index} is not an image, video or audio file", transient=False)
+        key = f"{job.tenant}/{job.id}/{index}.{media.extension}"
+        await rt.storage.put(key, spooled, media.content_type)
+    return Output(index=index, key=key, content_type=media.content_type, bytes=spooled.size,
+                  sha256=spooled.sha256, width=media.width, height=media.height,
+                  duration_seconds=media.duration_seconds, metadata=ref.metadata)
+
+
+async def _data_url_chunks(url: str) -> AsyncIterator[bytes]:
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise OutputUnavailable("output_invalid", "data: outputs must be base64", transient=False)
+    yield base64.b64decode(payload)
+
+
+# -- cancel ------------------------------------------------------------------------------
+
+async def cancel_at_provider(ctx: dict[str, Any], job_id: str) -> None:
+    rt = _rt(ctx)
+    job = await _load(rt, job_id)
+    if job is None or not job.provider_task_id:
+        return
+    provider = rt.registry.get(job.provider)
+    if provider is None:
+        return
+    try:
+        told = await provider.cancel(_context(rt, provider, job), job)
+        note = ("the provider was told to stop the task" if told
+                else f"{job.provider} has no cancel endpoint: the task may still run (and bill) there")
+    except (ProviderError, LookupError) as exc:
+        note = f"telling the provider to stop failed: {exc}"
+    for _ in range(3):
+        try:
+            await rt.jobs.change(job, note=note)
+            return
+        except Conflict:
+            fresh = await _load(rt, job_id)
+            if fresh is None:
+                return
+            job = fresh
+
+
+# -- webhooks ----------------------------------------------------------------------------
+
+async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
+    rt = _rt(ctx)
+    delivery = await rt.store.get_delivery(delivery_id)
+    if delivery is None or delivery.status != "pending":
+        return
+    secret = await webhook_secret(rt.redis, delivery.tenant)
+    body = delivery.payload.encode()
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "Atelier-Webhooks/1",
+        "webhook-id": delivery.id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, delivery.id, timestamp, body),
+    }
+    client: httpx.AsyncClient = ctx["webhook_http"]
+    started = time.perf_counter()
+    status_code: int | None = None
+    error: str | None = None
+    excerpt: str | None = None
+    retry_after: float | None = None
+    try:
+        response = await client.post(delivery.url, content=body, headers=headers)
+        status_code = response.status_code
+        excerpt = response.text[:200]
+        retry_after = retry_after_seconds(response.headers)
+    except httpx.HTTPError as exc:
+        error = f"{exc.__class__.__name__}: {exc}"[:200]
+    latency = (time.perf_counter() - started) * 1000
+    delivery.attempts.append(Attempt(at=utcnow(), status_code=status_code, latency_ms=round(latency, 1),
+                                     error=error, response_excerpt=excerpt))
+    schedule = rt.settings.retry_schedule
+    n = len(delivery.attempts)
+    if status_code is not None and 200 <= status_code < 300:
+        delivery.status = "delivered"
+    elif n >= len(schedule):
+        delivery.status = "dead"
+        log.warning("webhook %s dead after %d attempts", delivery.id, n,
+                    extra={"job_id": delivery.job_id, "tenant": delivery.tenant})
+    else:
+        base = schedule[n]
+        delay = base * random.uniform(0.8, 1.2)
+        if retry_after is not None and base > 0:
+            delay = min(max(retry_after, base), 2 * base)
+        delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+    await rt.store.save_delivery(delivery)
+    if delivery.status == "pending":
+        await rt.queue.deliver(delivery.id, n, (delivery.next_attempt_at - utcnow()).total_seconds())
+
+
+# -- sweep -------------------------------------------------------------------------------
+
+async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
+    """Re-schedule work that was lost (worker killed, queue entry gone). Safe to run anywhere, often."""
+    rt = _rt(ctx)
+    now = time.time()
+    grace = rt.settings.sweep_grace_seconds
+    rescued = 0
+    for job_id in await rt.store.overdue(now):
+        job = await rt.store.get(job_id)
+        if job is None or job.status in TERMINAL:
+            await rt.redis.zrem(rt.store.ACTIVE, job_id)
+            continue
+        await rt.store.touch_active(job_id, now + grace)
+        if job.status in (S.queued, S.submitting):
+            await rt.queue.submit(job.id, job.attempts)
+        elif job.phase == "collecting":
+            n = int(job.provider_data.get("collects", 1))
+            try:
+                job = await rt.jobs.change(job, provider_data={**job.provider_data, "collects": n + 1})
+            except Conflict:
+                continue
+            await rt.queue.collect(job.id, n + 1)
+        else:
+            try:
+                job = await rt.jobs.change(job, poll_seq=job.poll_seq + 1)
+            except Conflict:
+                continue
+            await rt.queue.poll(job.id, job.poll_seq)
+        rescued += 1
+    redelivered = 0
+    for delivery_id in await rt.store.overdue_deliveries(now - grace):
+        delivery = await rt.store.get_delivery(delivery_id)
+        if delivery is None or delivery.status != "pending":
+            await rt.redis.zrem(rt.store.DELIVERIES_DUE, delivery_id)
+            continue
+        # A fresh arq id: the lost entry's id may still be reserved by a dead worker's lease.
+        await rt.queue.deliver(delivery.id, len(delivery.attempts) * 1000 + int(now) % 1000)
+        delivery.next_attempt_at = utcnow()
+        await rt.store.save_delivery(delivery)
+        redelivered += 1
+    if rescued or redelivered:
+        log.info("sweep re-scheduled %d jobs and %d webhook deliveries", rescued, redelivered)
+    return {"jobs": rescued, "deliveries": redelivered}
