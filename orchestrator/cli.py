@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -209,10 +210,8 @@ async def _forever() -> None:
 
 
 def _run_until_interrupted(coro: Any) -> None:
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coro)
-    except KeyboardInterrupt:
-        pass
 
 
 # -- client commands --------------------------------------------------------------------

@@ -94,7 +94,9 @@ async def run_demo(storage_dir: Path, timeout: float = 180.0) -> int:
 
 
 async def _submit_all(api: httpx.AsyncClient, stack: Stack, hook: str, console: Console) -> dict[str, dict[str, Any]]:
-    configured = set(stack.simulators)
+    from providers.registry import ADAPTERS
+
+    configured = set(stack.simulators) & set(ADAPTERS)
     jobs: dict[str, dict[str, Any]] = {}
     for provider, kind, model, inp in DEMO_JOBS:
         if provider not in configured:

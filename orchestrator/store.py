@@ -147,7 +147,7 @@ class JobStore:
         return job, True
 
     async def get(self, job_id: str) -> Job | None:
-        raw = await self.redis.hmget(self.job_key(job_id), ["v", "d"])
+        raw = await self.redis.hmget(self.job_key(job_id), ["v", "d"])  # type: ignore[misc]
         return _job(raw)
 
     async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
@@ -190,11 +190,11 @@ class JobStore:
         return new
 
     async def events(self, job_id: str, after: int = 0) -> list[JobEvent]:
-        raw = await self.redis.lrange(self.events_key(job_id), 0, -1)
+        raw = await self.redis.lrange(self.events_key(job_id), 0, -1)  # type: ignore[misc]
         events = [JobEvent.model_validate_json(r) for r in raw]
         return [e for e in events if e.sequence > after]
 
-    async def list(
+    async def page(
         self,
         tenant: str,
         *,

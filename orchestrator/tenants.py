@@ -33,7 +33,7 @@ async def create_api_key(redis: Redis, tenant: str) -> str:
 
 
 async def tenant_for_key(redis: Redis, api_key: str) -> str | None:
-    tenant = await redis.hget(f"{P}apikey:{hash_key(api_key)}", "tenant")
+    tenant = await redis.hget(f"{P}apikey:{hash_key(api_key)}", "tenant")  # type: ignore[misc]
     if tenant is None:
         return None
     return tenant.decode() if isinstance(tenant, bytes) else str(tenant)

@@ -202,7 +202,7 @@ async def _resolve_unknown(rt: Runtime, provider: Provider, job: Job, exc: Provi
         await _requeue(rt, job, exc, None)
         return
     await _fail_current(
-        rt, job, "provider_outcome_unknown",
+        rt, job, exc.code if isinstance(exc, MalformedResponse) else "provider_outcome_unknown",
         f"{exc.message}. The provider may have created (and may bill) a task that Atelier cannot find, "
         "so it was not resubmitted; set retry_unknown_submissions to allow a retry.",
         exc.detail,

@@ -65,7 +65,7 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
-    page = await rt.store.list(
+    page = await rt.store.page(
         tenant, status=status, provider=provider,
         created_from=created_after.timestamp() if created_after else None,
         created_to=created_before.timestamp() if created_before else None,

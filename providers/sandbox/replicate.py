@@ -41,7 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from providers.sandbox import media
-from providers.sandbox.base import SimConfig, Simulator, SimTask, bearer, new_id
+from providers.sandbox.base import SimConfig, SimTask, Simulator, bearer, new_id
 
 _VERSION_RE = re.compile(r"^(?:[\w.-]+/[\w.-]+:)?([0-9a-f]{64})$")
 
@@ -185,6 +185,7 @@ class ReplicateSimulator(Simulator):
             match = _VERSION_RE.match(version) if isinstance(version, str) else None
             if match is None:
                 return self.error_response(422, "version is required: a 64-character version id")
+            assert isinstance(version, str)
             version_id = match.group(1)
             model = version.split(":")[0] if ":" in version else "simulated/model-" + version_id[:8]
         else:
