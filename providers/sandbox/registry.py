@@ -6,8 +6,17 @@ import importlib
 
 from providers.sandbox.base import SimConfig, Simulator
 
+# Mounted under /{name} by the sandbox server; a provider's sandbox base URL is that path.
 SIMULATORS: dict[str, str] = {
     "replicate": "providers.sandbox.replicate:ReplicateSimulator",
+    "sora": "providers.sandbox.sora:SoraSimulator",
+    "veo": "providers.sandbox.veo:VeoSimulator",
+    "kling": "providers.sandbox.kling:KlingSimulator",
+    "runway": "providers.sandbox.runway:RunwaySimulator",
+    "fal": "providers.sandbox.fal:FalSimulator",
+    "suno": "providers.sandbox.suno:SunoGatewaySimulator",  # new-api gateway task format
+    "suno-api": "providers.sandbox.suno:SunoApiSimulator",  # sunoapi.org format
+    "gateway-kling": "providers.sandbox.gateway:KlingGatewaySimulator",  # Kling through a new-api gateway
 }
 
 
