@@ -26,7 +26,7 @@ test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m faults
 
 lint: $(STAMP)
-	$(BIN)/ruff check orchestrator workers providers tests bench
+	$(BIN)/ruff check orchestrator workers providers tests $(wildcard bench)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -10,6 +10,8 @@ from providers.base import Provider
 
 FIRST_POLL_FRACTION = 0.25
 JITTER = 0.2
+# While a callback is expected, polling is only a safety net: this much slower.
+CALLBACK_POLL_FACTOR = 4.0
 
 
 def poll_delay(settings: Settings, provider: Provider, job: Job, hint: float | None = None) -> float:
@@ -19,9 +21,11 @@ def poll_delay(settings: Settings, provider: Provider, job: Job, hint: float | N
     configured bounds.
     """
     low, high = settings.poll_min_seconds, provider.settings.poll_max_seconds
+    factor = CALLBACK_POLL_FACTOR if job.provider_data.get("callback_expected") else 1.0
     if hint is not None:
-        return min(max(hint, low), high)
+        return min(max(hint, low), high * factor)
     first = provider.settings.poll_initial_seconds or FIRST_POLL_FRACTION * provider.typical_seconds(job)
-    delay = max(low, first) * settings.poll_backoff ** max(0, job.polls - 1)
+    high *= factor
+    delay = max(low, first) * factor * settings.poll_backoff ** max(0, job.polls - 1)
     delay = min(delay, high)
     return max(low, delay * random.uniform(1 - JITTER, 1 + JITTER))

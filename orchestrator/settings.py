@@ -43,7 +43,7 @@ DEFAULT_TYPICAL_SECONDS: dict[str, dict[str, float]] = {
     "runway": {"video": 60},
     "suno": {"audio": 60},
     "replicate": {"image": 8, "video": 90, "audio": 40},
-    "fal": {"image": 6, "video": 90},
+    "fal": {"image": 6, "video": 90, "audio": 30},
 }
 
 SANDBOX_KEY = "sandbox-key"
@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
     config_file: Path | None = None
 
+    # Ask providers to call us back (auto: when the public URL is HTTPS, or in sandbox mode).
+    callbacks: Literal["auto", "on", "off"] = "auto"
     sandbox: bool = False
     sandbox_url: str = "http://127.0.0.1:8790"
 
@@ -92,6 +94,7 @@ class Settings(BaseSettings):
     sora_base_url: str | None = None
     veo_api_key: SecretStr | None = None
     veo_base_url: str | None = None
+    kling_api_key: SecretStr | None = None  # a gateway's key (Bearer) instead of Kling's own key pair
     kling_access_key: SecretStr | None = None
     kling_secret_key: SecretStr | None = None
     kling_base_url: str | None = None
@@ -122,6 +125,12 @@ class Settings(BaseSettings):
             self.providers_file = dict(data.get("providers", {}))
 
     @property
+    def callbacks_enabled(self) -> bool:
+        if self.callbacks == "auto":
+            return self.sandbox or self.public_url.startswith("https://")
+        return self.callbacks == "on"
+
+    @property
     def retry_schedule(self) -> list[float]:
         return [float(x) for x in self.webhook_retry_schedule.split(",") if x.strip()]
 
@@ -140,7 +149,8 @@ class Settings(BaseSettings):
         base_url = env_url or file_cfg.pop("base_url", None)
         sandboxed = self.sandbox and not base_url
         if sandboxed:
-            base_url = f"{self.sandbox_url.rstrip('/')}/{name}"
+            mount = "suno-api" if name == "suno" and self.suno_flavor == "sunoapi" else name
+            base_url = f"{self.sandbox_url.rstrip('/')}/{mount}"
         base_url = base_url or DEFAULT_BASE_URLS[name]
         if not base_url:
             return None
@@ -155,6 +165,8 @@ class Settings(BaseSettings):
             extra.setdefault("flavor", self.suno_flavor)
         if name == "fal":
             extra.setdefault("jwks_url", self.fal_jwks_url if not sandboxed else f"{base_url}/.well-known/jwks.json")
+            if not keys and sandboxed:
+                keys = [f"{SANDBOX_KEY}-id:{SANDBOX_KEY}-secret"]  # fal keys are '<key_id>:<key_secret>'
         if name == "replicate" and self.replicate_webhook_secret:
             extra.setdefault("webhook_secret", self.replicate_webhook_secret.get_secret_value())
         if not keys and sandboxed:

@@ -9,8 +9,6 @@ retry, so receivers can de-duplicate.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import secrets
 from datetime import datetime
@@ -20,6 +18,9 @@ from pydantic import BaseModel, Field
 
 from orchestrator.ids import new_id
 from orchestrator.models import JobStatus, JobView, utcnow
+from providers.signatures import sign, verify
+
+__all__ = ["sign", "verify", "new_secret", "Delivery", "Attempt", "new_delivery", "job_event_payload"]
 
 NOTIFY_STATUSES = frozenset({JobStatus.running, JobStatus.succeeded, JobStatus.failed,
                              JobStatus.canceled, JobStatus.timed_out})
@@ -27,24 +28,6 @@ NOTIFY_STATUSES = frozenset({JobStatus.running, JobStatus.succeeded, JobStatus.f
 
 def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` value: ``v1,<base64 HMAC-SHA256 of id.timestamp.body>``."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(mac).decode()
-
-
-def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
-    """Check a Standard Webhooks signature (any of the space-separated ``v1,`` entries)."""
-    h = {k.lower(): v for k, v in headers.items()}
-    try:
-        expected = sign(secret, h["webhook-id"], int(h["webhook-timestamp"]), body).split(",", 1)[1]
-    except (KeyError, ValueError):
-        return False
-    given = [s.split(",", 1)[1] for s in h.get("webhook-signature", "").split() if s.startswith("v1,")]
-    return any(hmac.compare_digest(expected, g) for g in given)
 
 
 class Attempt(BaseModel):

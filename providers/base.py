@@ -86,6 +86,12 @@ class TaskNotFound(ProviderError):
     code = "provider_task_not_found"
 
 
+class CallbackRejected(ProviderError):
+    """An incoming callback failed verification (bad or missing signature, stale timestamp)."""
+
+    code = "callback_rejected"
+
+
 @dataclass
 class ProviderSettings:
     """Configuration of one provider, built by ``orchestrator.settings``."""
@@ -131,6 +137,17 @@ class TaskStatus:
 
 
 @dataclass
+class CallbackHint:
+    """What a verified callback says: which task (and, where the body says it, the raw status).
+
+    It is only a hint: the worker fetches the task's state from the provider.
+    """
+
+    task_id: str | None = None
+    raw_status: str | None = None
+
+
+@dataclass
 class CallContext:
     """What one call needs: the HTTP client, the chosen key and our callback URL."""
 
@@ -146,6 +163,8 @@ class Provider:
     kinds: ClassVar[frozenset[JobKind]]
     supports_cancel: ClassVar[bool] = False
     supports_callbacks: ClassVar[bool] = False
+    # How callbacks are authenticated: the provider's signature, or our per-job token in the URL.
+    callback_auth: ClassVar[Literal["signature", "token"]] = "token"
     retention: ClassVar[str] = ""
 
     def __init__(self, settings: ProviderSettings) -> None:
@@ -173,6 +192,14 @@ class Provider:
     async def reconcile(self, ctx: CallContext, job: Job, since: float) -> SubmitResult | None:
         """Find the task an ambiguous submit may have created (``None`` if none or unknowable)."""
         return None
+
+    async def verify_callback(self, ctx: CallContext, headers: Mapping[str, str], body: bytes) -> CallbackHint:
+        """Authenticate a callback (``callback_auth == "signature"``) and say which task it is about.
+
+        Raise ``CallbackRejected`` when it does not verify. Token-authenticated
+        providers only parse: the API checks the per-job token.
+        """
+        raise CallbackRejected(f"{self.name} does not send callbacks")
 
     def download_headers(self, ctx: CallContext, url: str) -> dict[str, str]:
         """Headers for fetching an output URL (auth only where the provider requires it)."""

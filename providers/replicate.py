@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,10 +24,13 @@ import httpx
 
 from orchestrator.models import Job, JobKind, JobRequest, ProviderOutput
 from providers.base import (
+    CallbackHint,
+    CallbackRejected,
     CallContext,
     InvalidInput,
     MalformedResponse,
     Provider,
+    ProviderError,
     ProviderSettings,
     Rejected,
     SubmitResult,
@@ -35,6 +40,7 @@ from providers.base import (
     raise_for_common_status,
     send,
 )
+from providers.signatures import verify
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +105,13 @@ class ReplicateProvider(Provider):
     kinds = frozenset({JobKind.image, JobKind.video, JobKind.audio})
     supports_cancel = True
     supports_callbacks = True
+    callback_auth = "signature"
     retention = "1 hour (API predictions: inputs, outputs and files are deleted)"
 
     def __init__(self, settings: ProviderSettings) -> None:
         super().__init__(settings)
         self._host = urlsplit(self.base_url).hostname or ""
+        self._fetched_secret: str | None = None
 
     def validate(self, request: JobRequest) -> None:
         super().validate(request)
@@ -204,6 +212,37 @@ class ReplicateProvider(Provider):
             if prediction.get("input") == wanted and same_model and isinstance(prediction.get("id"), str):
                 return SubmitResult(task_id=prediction["id"], status=str(prediction.get("status")))
         return None
+
+    async def verify_callback(self, ctx: CallContext, headers: Mapping[str, str], body: bytes) -> CallbackHint:
+        """Replicate signs webhooks per Standard Webhooks with the account's ``whsec_`` secret."""
+        secret = await self._webhook_secret(ctx)
+        if not verify(secret, headers, body):
+            raise CallbackRejected("Replicate webhook signature or timestamp did not verify")
+        try:
+            prediction = json.loads(body)
+        except ValueError as exc:
+            raise CallbackRejected("Replicate webhook body is not JSON") from exc
+        if not isinstance(prediction, dict) or not isinstance(prediction.get("id"), str):
+            raise CallbackRejected("Replicate webhook body is not a prediction")
+        return CallbackHint(task_id=prediction["id"], raw_status=str(prediction.get("status")))
+
+    async def _webhook_secret(self, ctx: CallContext) -> str:
+        """From settings, else fetched once with the API key (``GET /v1/webhooks/default/secret``)."""
+        configured = self.settings.extra.get("webhook_secret")
+        if configured:
+            return str(configured)
+        if self._fetched_secret is None:
+            url = f"{self.base_url}/v1/webhooks/default/secret"
+            try:
+                response = await send(ctx.http, ctx.http.build_request("GET", url, headers=self._headers(ctx)))
+                raise_for_common_status(response)
+                key = expect_object(parse_json(response), "webhook secret").get("key")
+            except ProviderError as exc:
+                raise CallbackRejected(f"cannot obtain Replicate's webhook secret: {exc.message}") from exc
+            if not isinstance(key, str):
+                raise CallbackRejected("Replicate returned no webhook secret")
+            self._fetched_secret = key
+        return self._fetched_secret
 
     def download_headers(self, ctx: CallContext, url: str) -> dict[str, str]:
         host = urlsplit(url).hostname or ""

@@ -21,14 +21,14 @@ from arq.worker import Worker
 from orchestrator.queue import connect, dumps, loads
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
-from workers import tasks
+from workers import collect, tasks
 
 log = logging.getLogger("atelier.worker")
 
 JOB_FUNCTIONS = [
     func(tasks.submit_job, timeout=120, max_tries=5),
     func(tasks.poll_job, timeout=60, max_tries=3),
-    func(tasks.collect_outputs, timeout=900, max_tries=3),
+    func(collect.collect_outputs, timeout=900, max_tries=3),
     func(tasks.cancel_at_provider, timeout=60, max_tries=3),
 ]
 WEBHOOK_FUNCTIONS = [func(tasks.deliver_webhook, timeout=60, max_tries=3)]

@@ -3,7 +3,7 @@
 submit_job       queued -> submitting -> submitted; the intent is recorded first, and an
                  ambiguous outcome is reconciled or failed, never blindly resubmitted.
 poll_job         one status fetch; applies it and schedules the next poll (deferred).
-collect_outputs  streams every output into storage, then succeeded.
+collect_outputs  (workers/collect.py) streams every output into storage, then succeeded.
 cancel_at_provider  tells the provider to stop a canceled job's task, where it can.
 deliver_webhook  one signed delivery attempt; schedules the next on failure.
 sweep            re-schedules jobs and deliveries whose pending work was lost.
@@ -14,11 +14,9 @@ arq is at-least-once, and a callback, a sweeper and a poll may race.
 
 from __future__ import annotations
 
-import base64
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -26,10 +24,9 @@ import httpx
 
 from orchestrator import keypool
 from orchestrator.jobs import deadline_passed
-from orchestrator.models import TERMINAL, Job, JobStatus, Output, ProviderOutput, utcnow
+from orchestrator.models import TERMINAL, Job, JobStatus, utcnow
 from orchestrator.runtime import Runtime
 from orchestrator.schedule import poll_delay
-from orchestrator.storage import OutputTooLarge, spool
 from orchestrator.store import Conflict
 from orchestrator.tenants import webhook_secret
 from orchestrator.webhooks import Attempt, sign
@@ -51,28 +48,31 @@ log = logging.getLogger("atelier.worker")
 S = JobStatus
 
 MAX_MALFORMED_POLLS = 3
-MAX_COLLECT_ATTEMPTS = 5
 
 
-def _rt(ctx: dict[str, Any]) -> Runtime:
+def runtime_of(ctx: dict[str, Any]) -> Runtime:
     rt: Runtime = ctx["rt"]
     return rt
 
 
-def _extra(job: Job) -> dict[str, str]:
+def log_extra(job: Job) -> dict[str, str]:
     return {"job_id": job.id, "tenant": job.tenant, "provider": job.provider}
 
 
-def _context(rt: Runtime, provider: Provider, job: Job) -> CallContext:
+def call_context(rt: Runtime, provider: Provider, job: Job) -> CallContext:
     """Call context with the key that submitted ``job`` (or, before submission, the one it will use)."""
     keys = provider.settings.api_keys
     key = keypool.resolve(keys, job.key_id) if job.key_id else keypool.pick(keys, job)
     if key is None:
         raise LookupError(f"the {job.provider} key that submitted this job is no longer configured")
-    return CallContext(http=rt.http, api_key=key, callback_url=None)
+    callback_url = None
+    if provider.supports_callbacks and rt.settings.callbacks_enabled:
+        base = rt.settings.public_url.rstrip("/")
+        callback_url = f"{base}/v1/callbacks/{job.provider}?job={job.id}&token={job.callback_token}"
+    return CallContext(http=rt.http, api_key=key, callback_url=callback_url)
 
 
-async def _load(rt: Runtime, job_id: str) -> Job | None:
+async def load_job(rt: Runtime, job_id: str) -> Job | None:
     job = await rt.store.get(job_id)
     if job is None:
         log.warning("job %s vanished from the store", job_id)
@@ -82,8 +82,8 @@ async def _load(rt: Runtime, job_id: str) -> Job | None:
 # -- submit ------------------------------------------------------------------------------
 
 async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
-    rt = _rt(ctx)
-    job = await _load(rt, job_id)
+    rt = runtime_of(ctx)
+    job = await load_job(rt, job_id)
     if job is None or job.status in TERMINAL:
         return
     provider = rt.registry.get(job.provider)
@@ -101,7 +101,7 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
                            status=S.timed_out)
         return
     try:
-        call = _context(rt, provider, job)
+        call = call_context(rt, provider, job)
     except LookupError as exc:
         await rt.jobs.fail(job, "provider_not_configured", str(exc))
         return
@@ -130,22 +130,23 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
         await _resolve_unknown(rt, provider, job, exc)
         return
     except Rejected as exc:
-        await _fail_current(rt, job, exc.code, exc.message, exc.detail)
+        await fail_current(rt, job, exc.code, exc.message, exc.detail)
         return
     except ProviderError as exc:
-        await _fail_current(rt, job, exc.code, exc.message, exc.detail)
+        await fail_current(rt, job, exc.code, exc.message, exc.detail)
         return
-    await _submitted(rt, provider, job, result.task_id, result.request_id, result.status, result.data)
+    data = {**result.data, "callback_expected": call.callback_url is not None}
+    await _submitted(rt, provider, job, result.task_id, result.request_id, result.status, data)
 
 
 async def _submitted(rt: Runtime, provider: Provider, job: Job, task_id: str, request_id: str | None,
                      raw_status: str | None, data: dict[str, Any]) -> None:
     if not await rt.store.claim_task(job.provider, task_id, job.id):
-        await _fail_current(rt, job, "provider_task_conflict",
+        await fail_current(rt, job, "provider_task_conflict",
                             f"provider task {task_id} already belongs to another job")
         return
-    delay = poll_delay(rt.settings, provider, job)
-    current = job
+    current = job.model_copy(update={"provider_data": {**job.provider_data, **data}})
+    delay = poll_delay(rt.settings, provider, current)
     for _ in range(5):
         try:
             if current.status != S.submitting:
@@ -159,7 +160,7 @@ async def _submitted(rt: Runtime, provider: Provider, job: Job, task_id: str, re
             await rt.queue.poll(job.id, job.poll_seq, delay)
             return
         except Conflict:
-            fresh = await _load(rt, job.id)
+            fresh = await load_job(rt, job.id)
             if fresh is None:
                 return
             current = fresh
@@ -173,7 +174,7 @@ async def _submitted(rt: Runtime, provider: Provider, job: Job, task_id: str, re
 async def _requeue(rt: Runtime, job: Job, exc: ProviderError, retry_after: float | None) -> None:
     """Nothing was created: back to queued, retried after a pause (throttled, not failed)."""
     if job.attempts >= rt.settings.submit_max_attempts:
-        await _fail_current(rt, job, exc.code, f"{exc.message} (gave up after {job.attempts} attempts)",
+        await fail_current(rt, job, exc.code, f"{exc.message} (gave up after {job.attempts} attempts)",
                             exc.detail)
         return
     backoff = min(300.0, 2.0 ** job.attempts) * random.uniform(0.8, 1.2)
@@ -190,18 +191,18 @@ async def _resolve_unknown(rt: Runtime, provider: Provider, job: Job, exc: Provi
     """The provider may have accepted the submission: find the task, or never pay twice."""
     since = float(job.provider_data.get("submit_started") or job.created_at.timestamp())
     try:
-        found = await provider.reconcile(_context(rt, provider, job), job, since)
+        found = await provider.reconcile(call_context(rt, provider, job), job, since)
     except (ProviderError, LookupError) as rec_exc:
-        log.warning("reconcile failed: %s", rec_exc, extra=_extra(job))
+        log.warning("reconcile failed: %s", rec_exc, extra=log_extra(job))
         found = None
     if found is not None and not await rt.store.job_for_task(job.provider, found.task_id):
-        log.info("reconciled an ambiguous submission to task %s", found.task_id, extra=_extra(job))
+        log.info("reconciled an ambiguous submission to task %s", found.task_id, extra=log_extra(job))
         await _submitted(rt, provider, job, found.task_id, found.request_id, found.status, found.data)
         return
     if job.retry_unknown_submissions:
         await _requeue(rt, job, exc, None)
         return
-    await _fail_current(
+    await fail_current(
         rt, job, exc.code if isinstance(exc, MalformedResponse) else "provider_outcome_unknown",
         f"{exc.message}. The provider may have created (and may bill) a task that Atelier cannot find, "
         "so it was not resubmitted; set retry_unknown_submissions to allow a retry.",
@@ -209,11 +210,11 @@ async def _resolve_unknown(rt: Runtime, provider: Provider, job: Job, exc: Provi
     )
 
 
-async def _fail_current(rt: Runtime, job: Job, code: str, message: str, detail: Any = None) -> None:
+async def fail_current(rt: Runtime, job: Job, code: str, message: str, detail: Any = None) -> None:
     try:
         await rt.jobs.fail(job, code, message, detail)
     except Conflict:
-        fresh = await _load(rt, job.id)
+        fresh = await load_job(rt, job.id)
         if fresh is not None and fresh.status not in TERMINAL:
             await rt.jobs.fail(fresh, code, message, detail)
 
@@ -221,8 +222,8 @@ async def _fail_current(rt: Runtime, job: Job, code: str, message: str, detail: 
 # -- poll --------------------------------------------------------------------------------
 
 async def poll_job(ctx: dict[str, Any], job_id: str, seq: int) -> None:
-    rt = _rt(ctx)
-    job = await _load(rt, job_id)
+    rt = runtime_of(ctx)
+    job = await load_job(rt, job_id)
     if job is None or job.status not in (S.submitted, S.running) or job.poll_seq != seq:
         return  # finished, or a newer poll superseded this one
     if job.phase == "collecting":
@@ -236,7 +237,7 @@ async def poll_job(ctx: dict[str, Any], job_id: str, seq: int) -> None:
         return
     hint: float | None = None
     try:
-        status = await provider.fetch(_context(rt, provider, job), job)
+        status = await provider.fetch(call_context(rt, provider, job), job)
     except RateLimited as exc:
         hint = exc.retry_after or poll_delay(rt.settings, provider, job) * 2
         await _next_poll(rt, provider, job, hint, note=exc.message)
@@ -246,17 +247,17 @@ async def poll_job(ctx: dict[str, Any], job_id: str, seq: int) -> None:
         return
     except MalformedResponse as exc:
         if job.poll_errors + 1 >= MAX_MALFORMED_POLLS:
-            await _fail_current(rt, job, exc.code, f"{exc.message} ({job.poll_errors + 1} times in a row)",
+            await fail_current(rt, job, exc.code, f"{exc.message} ({job.poll_errors + 1} times in a row)",
                                 exc.detail)
         else:
             await _next_poll(rt, provider, job, None, note=exc.message, poll_errors=job.poll_errors + 1)
         return
     except TaskNotFound as exc:
-        await _fail_current(rt, job, exc.code, exc.message, exc.detail)
+        await fail_current(rt, job, exc.code, exc.message, exc.detail)
         return
     except (ProviderError, LookupError) as exc:
         code = getattr(exc, "code", "provider_error")
-        await _fail_current(rt, job, code, getattr(exc, "message", str(exc)), getattr(exc, "detail", None))
+        await fail_current(rt, job, code, getattr(exc, "message", str(exc)), getattr(exc, "detail", None))
         return
     await apply_status(rt, provider, job, status)
 
@@ -271,7 +272,7 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
     try:
         if status.state in ("queued", "unknown"):
             if status.state == "unknown":
-                log.warning("unknown provider status %r; still waiting", status.raw_status, extra=_extra(job))
+                log.warning("unknown provider status %r; still waiting", status.raw_status, extra=log_extra(job))
             await _next_poll(rt, provider, job, status.poll_after, **common)
         elif status.state == "running":
             if job.status == S.submitted:
@@ -297,7 +298,7 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
                                status.error_message or "the provider canceled the task",
                                status.error_detail, status=S.canceled)
     except Conflict:
-        log.info("job changed while applying a status; the newer state stands", extra=_extra(job))
+        log.info("job changed while applying a status; the newer state stands", extra=log_extra(job))
 
 
 async def _next_poll(rt: Runtime, provider: Provider, job: Job, hint: float | None, **changes: Any) -> None:
@@ -320,111 +321,18 @@ async def _time_out(rt: Runtime, job: Job) -> None:
     await rt.queue.cancel_at_provider(job.id)
 
 
-# -- collect -----------------------------------------------------------------------------
-
-class OutputUnavailable(Exception):
-    def __init__(self, code: str, message: str, transient: bool) -> None:
-        super().__init__(message)
-        self.code = code
-        self.transient = transient
-
-
-async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
-    rt = _rt(ctx)
-    job = await _load(rt, job_id)
-    if job is None or job.status != S.running or job.phase != "collecting":
-        return
-    provider = rt.registry.get(job.provider)
-    if provider is None:
-        await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
-        return
-    outputs: list[Output] = []
-    try:
-        call = _context(rt, provider, job)
-        for index, ref in enumerate(job.provider_outputs):
-            outputs.append(await _store_output(rt, provider, call, job, index, ref))
-    except OutputUnavailable as exc:
-        n = int(job.provider_data.get("collects", 1))
-        if exc.transient and n < MAX_COLLECT_ATTEMPTS:
-            delay = 2.0 ** n
-            try:
-                job = await rt.jobs.change(job, provider_data={**job.provider_data, "collects": n + 1},
-                                           note=str(exc), active_at=time.time() + delay + 600)
-            except Conflict:
-                return
-            await rt.queue.collect(job.id, n + 1, delay)
-        else:
-            await _fail_current(rt, job, exc.code, str(exc))
-        return
-    except LookupError as exc:
-        await _fail_current(rt, job, "provider_not_configured", str(exc))
-        return
-    if not outputs:
-        await _fail_current(rt, job, "provider_no_output", "the provider reported success without outputs")
-        return
-    try:
-        await rt.jobs.transition(job, S.succeeded, outputs=outputs, note=None)
-    except Conflict:
-        log.info("job changed during collection (canceled?); outputs kept in storage", extra=_extra(job))
-
-
-async def _store_output(rt: Runtime, provider: Provider, call: CallContext, job: Job, index: int,
-                        ref: ProviderOutput) -> Output:
-    max_bytes = rt.settings.max_output_bytes
-    try:
-        if ref.url.startswith("data:"):
-            spooled = await spool(_data_url_chunks(ref.url), max_bytes)
-        else:
-            headers = provider.download_headers(call, ref.url)
-            async with rt.http.stream("GET", ref.url, headers=headers, follow_redirects=True,
-                                      timeout=httpx.Timeout(60.0, connect=10.0)) as response:
-                if response.status_code in (401, 403, 404, 410):
-                    raise OutputUnavailable(
-                        "output_expired",
-                        f"output {index} is no longer available at the provider (HTTP {response.status_code})",
-                        transient=False)
-                if response.status_code >= 400:
-                    raise OutputUnavailable("output_download_failed",
-                                            f"output {index}: provider answered HTTP {response.status_code}",
-                                            transient=True)
-                spooled = await spool(response.aiter_bytes(256 * 1024), max_bytes)
-    except OutputTooLarge as exc:
-        raise OutputUnavailable("output_too_large", f"output {index}: {exc}", transient=False) from exc
-    except httpx.HTTPError as exc:
-        raise OutputUnavailable("output_download_failed",
-                                f"output {index}: download failed ({exc.__class__.__name__})",
-                                transient=True) from exc
-    with spooled.file:
-        media = spooled.media
-        if media is None:
-            raise OutputUnavailable("output_invalid",
-                                    f"output {index} is not an image, video or audio file", transient=False)
-        key = f"{job.tenant}/{job.id}/{index}.{media.extension}"
-        await rt.storage.put(key, spooled, media.content_type)
-    return Output(index=index, key=key, content_type=media.content_type, bytes=spooled.size,
-                  sha256=spooled.sha256, width=media.width, height=media.height,
-                  duration_seconds=media.duration_seconds, metadata=ref.metadata)
-
-
-async def _data_url_chunks(url: str) -> AsyncIterator[bytes]:
-    header, _, payload = url.partition(",")
-    if not header.endswith(";base64"):
-        raise OutputUnavailable("output_invalid", "data: outputs must be base64", transient=False)
-    yield base64.b64decode(payload)
-
-
 # -- cancel ------------------------------------------------------------------------------
 
 async def cancel_at_provider(ctx: dict[str, Any], job_id: str) -> None:
-    rt = _rt(ctx)
-    job = await _load(rt, job_id)
+    rt = runtime_of(ctx)
+    job = await load_job(rt, job_id)
     if job is None or not job.provider_task_id:
         return
     provider = rt.registry.get(job.provider)
     if provider is None:
         return
     try:
-        told = await provider.cancel(_context(rt, provider, job), job)
+        told = await provider.cancel(call_context(rt, provider, job), job)
         note = ("the provider was told to stop the task" if told
                 else f"{job.provider} has no cancel endpoint: the task may still run (and bill) there")
     except (ProviderError, LookupError) as exc:
@@ -434,7 +342,7 @@ async def cancel_at_provider(ctx: dict[str, Any], job_id: str) -> None:
             await rt.jobs.change(job, note=note)
             return
         except Conflict:
-            fresh = await _load(rt, job_id)
+            fresh = await load_job(rt, job_id)
             if fresh is None:
                 return
             job = fresh
@@ -443,7 +351,7 @@ async def cancel_at_provider(ctx: dict[str, Any], job_id: str) -> None:
 # -- webhooks ----------------------------------------------------------------------------
 
 async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
-    rt = _rt(ctx)
+    rt = runtime_of(ctx)
     delivery = await rt.store.get_delivery(delivery_id)
     if delivery is None or delivery.status != "pending":
         return
@@ -496,7 +404,7 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
 
 async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     """Re-schedule work that was lost (worker killed, queue entry gone). Safe to run anywhere, often."""
-    rt = _rt(ctx)
+    rt = runtime_of(ctx)
     now = time.time()
     grace = rt.settings.sweep_grace_seconds
     rescued = 0

@@ -1,0 +1,76 @@
+"""``POST /v1/callbacks/{provider}``: provider callbacks in. Authenticated, and only hints.
+
+A callback is verified by the provider's own signature (``callback_auth =
+"signature"``) or by the per-job unguessable token we put in the callback URL
+(``"token"``). A verified callback never sets the job's state: it pulls the
+job's next status fetch forward to now, and the state applied is the one
+fetched. Duplicated, reordered, late callbacks, and callbacks for unknown or
+finished jobs are acknowledged and change nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from orchestrator.api.deps import RuntimeDep
+from orchestrator.api.problems import problem_response
+from orchestrator.models import TERMINAL, JobStatus
+from orchestrator.store import Conflict
+from providers.base import CallbackRejected, CallContext
+
+router = APIRouter(tags=["callbacks"])
+log = logging.getLogger("atelier.callbacks")
+
+
+def _ack(outcome: str) -> JSONResponse:
+    return JSONResponse({"status": outcome})
+
+
+@router.post("/v1/callbacks/{provider}", response_model=None)
+async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> JSONResponse:
+    adapter = rt.registry.get(provider)
+    if adapter is None or not adapter.supports_callbacks:
+        return problem_response(404, "Not found", f"no callbacks for provider {provider!r}")
+    body = await request.body()
+    job_id = request.query_params.get("job", "")
+    token = request.query_params.get("token", "")
+    keys = adapter.settings.api_keys
+    ctx = CallContext(http=rt.http, api_key=keys[0] if keys else "")
+    try:
+        hint = await adapter.verify_callback(ctx, request.headers, body)
+    except CallbackRejected as exc:
+        log.warning("callback rejected: %s", exc.message, extra={"provider": provider})
+        return problem_response(401, "Callback not verified", exc.message)
+
+    if not job_id and hint.task_id:
+        job_id = await rt.store.job_for_task(provider, hint.task_id) or ""
+    job = await rt.store.get(job_id) if job_id.startswith("job_") else None
+    token_ok = job is not None and bool(token) and hmac.compare_digest(token, job.callback_token)
+    if adapter.callback_auth == "token" and not token_ok:
+        log.warning("callback with a missing or wrong token", extra={"provider": provider})
+        return problem_response(401, "Callback not verified", "missing or wrong callback token")
+    if job is None or job.provider != provider:
+        return _ack("ignored: unknown job")
+    if hint.task_id and job.provider_task_id and hint.task_id != job.provider_task_id:
+        return _ack("ignored: task does not belong to this job")
+    if job.status in TERMINAL:
+        return _ack("ignored: job already finished")
+    if job.status not in (JobStatus.submitted, JobStatus.running) or job.phase == "collecting":
+        return _ack("ignored: nothing to fetch yet")
+    for _ in range(3):
+        try:
+            job = await rt.jobs.change(job, poll_seq=job.poll_seq + 1)
+            break
+        except Conflict:
+            fresh = await rt.store.get(job.id)
+            if fresh is None or fresh.status in TERMINAL:
+                return _ack("ignored: job already finished")
+            job = fresh
+    await rt.queue.poll(job.id, job.poll_seq, 0)
+    log.info("callback accepted; fetching status now", extra={"job_id": job.id, "provider": provider,
+                                                              "tenant": job.tenant})
+    return _ack("accepted")

@@ -1,0 +1,65 @@
+"""Provider callbacks in: verified, treated as hints, never double-applied."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+
+from orchestrator.devstack import dev_stack
+from providers.signatures import sign
+from tests.helpers import api, submit, wait_for
+
+
+async def test_replicate_webhook_finishes_the_job_without_waiting_for_a_poll(redis_url):
+    # Polls are 30+ s apart here: only the callback can make the job finish quickly.
+    async with dev_stack(redis_url=redis_url, poll_min_seconds=30, poll_max_seconds=60,
+                         log_format="text") as stack, api(stack) as client:
+        started = time.monotonic()
+        job = await submit(client)
+        done = await wait_for(client, job["id"], timeout=15)
+        assert done["status"] == "succeeded"
+        assert time.monotonic() - started < 15
+        assert done["attempts"] == 1
+    sim = stack.simulators["replicate"]
+    assert sim.webhooks_sent >= 1  # type: ignore[attr-defined]
+
+
+async def test_forged_and_replayed_callbacks_are_rejected_and_change_nothing(redis_url):
+    async with dev_stack(redis_url=redis_url, poll_min_seconds=30, poll_max_seconds=60,
+                         log_format="text") as stack, api(stack) as client:
+        job = await submit(client, input={"prompt": "slow [sim:run=20]"})
+        job = await wait_for(client, job["id"], {"submitted", "running"})
+        sim = stack.simulators["replicate"]
+        secret = sim.webhook_secret  # type: ignore[attr-defined]
+        url = f"{stack.api_url}/v1/callbacks/replicate"
+        body = json.dumps({"id": job["provider_task_id"], "status": "succeeded",
+                           "output": ["https://evil.example/x.png"]}).encode()
+        async with httpx.AsyncClient() as raw:
+            now = int(time.time())
+            forged = {"webhook-id": "msg_1", "webhook-timestamp": str(now),
+                      "webhook-signature": sign("whsec_" + "A" * 32, "msg_1", now, body)}
+            assert (await raw.post(url, content=body, headers=forged)).status_code == 401
+            old = now - 3600
+            replayed = {"webhook-id": "msg_2", "webhook-timestamp": str(old),
+                        "webhook-signature": sign(secret, "msg_2", old, body)}
+            assert (await raw.post(url, content=body, headers=replayed)).status_code == 401
+            unsigned = await raw.post(url, content=body)
+            assert unsigned.status_code == 401
+            assert unsigned.headers["content-type"] == "application/problem+json"
+            # A correctly signed callback is only a hint: the fetched state (still running) stands.
+            good = {"webhook-id": "msg_3", "webhook-timestamp": str(now),
+                    "webhook-signature": sign(secret, "msg_3", now, body)}
+            resp = await raw.post(url, content=body, headers=good)
+            assert resp.status_code == 200 and resp.json()["status"] == "accepted"
+            # Unknown task: acknowledged, ignored.
+            other = json.dumps({"id": "nosuchtask", "status": "succeeded"}).encode()
+            hdrs = {"webhook-id": "msg_4", "webhook-timestamp": str(now),
+                    "webhook-signature": sign(secret, "msg_4", now, other)}
+            resp = await raw.post(url, content=other, headers=hdrs)
+            assert resp.status_code == 200 and resp.json()["status"].startswith("ignored")
+        await asyncio.sleep(0.5)
+        after = (await client.get(f"/v1/jobs/{job['id']}")).json()
+        assert after["status"] in ("submitted", "running") and after["outputs"] == []

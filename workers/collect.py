@@ -1,0 +1,145 @@
+"""Collecting outputs: stream each provider output into storage, then mark the job succeeded.
+
+Downloads follow redirects by hand so that provider credentials (e.g. Veo's
+``x-goog-api-key``) go only to the host they were meant for, never to the
+storage host a redirect points at. Memory stays bounded: bytes are spooled
+with a size cap while their sha256 is computed.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from orchestrator.models import Job, JobStatus, Output, ProviderOutput
+from orchestrator.runtime import Runtime
+from orchestrator.storage import OutputTooLarge, spool
+from orchestrator.store import Conflict
+from providers.base import CallContext, Provider
+from workers.tasks import call_context, fail_current, load_job, log, log_extra, runtime_of
+
+S = JobStatus
+MAX_COLLECT_ATTEMPTS = 5
+MAX_REDIRECTS = 5
+DOWNLOAD_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port
+
+
+@contextlib.asynccontextmanager
+async def open_download(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
+    """GET ``url`` as a stream, following redirects; ``headers`` only reach ``url``'s own origin."""
+    origin = _origin(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        request = http.build_request("GET", url, headers=headers if _origin(url) == origin else {},
+                                     timeout=DOWNLOAD_TIMEOUT)
+        response = await http.send(request, stream=True)
+        if response.is_redirect and "location" in response.headers:
+            await response.aclose()
+            url = urljoin(url, response.headers["location"])
+            continue
+        try:
+            yield response
+        finally:
+            await response.aclose()
+        return
+    raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects", request=request)
+
+
+class OutputUnavailable(Exception):
+    def __init__(self, code: str, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.transient = transient
+
+
+async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
+    rt = runtime_of(ctx)
+    job = await load_job(rt, job_id)
+    if job is None or job.status != S.running or job.phase != "collecting":
+        return
+    provider = rt.registry.get(job.provider)
+    if provider is None:
+        await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
+        return
+    outputs: list[Output] = []
+    try:
+        call = call_context(rt, provider, job)
+        for index, ref in enumerate(job.provider_outputs):
+            outputs.append(await _store_output(rt, provider, call, job, index, ref))
+    except OutputUnavailable as exc:
+        n = int(job.provider_data.get("collects", 1))
+        if exc.transient and n < MAX_COLLECT_ATTEMPTS:
+            delay = 2.0 ** n
+            try:
+                job = await rt.jobs.change(job, provider_data={**job.provider_data, "collects": n + 1},
+                                           note=str(exc), active_at=time.time() + delay + 600)
+            except Conflict:
+                return
+            await rt.queue.collect(job.id, n + 1, delay)
+        else:
+            await fail_current(rt, job, exc.code, str(exc))
+        return
+    except LookupError as exc:
+        await fail_current(rt, job, "provider_not_configured", str(exc))
+        return
+    if not outputs:
+        await fail_current(rt, job, "provider_no_output", "the provider reported success without outputs")
+        return
+    try:
+        await rt.jobs.transition(job, S.succeeded, outputs=outputs, note=None)
+    except Conflict:
+        log.info("job changed during collection (canceled?); outputs kept in storage", extra=log_extra(job))
+
+
+async def _store_output(rt: Runtime, provider: Provider, call: CallContext, job: Job, index: int,
+                        ref: ProviderOutput) -> Output:
+    max_bytes = rt.settings.max_output_bytes
+    try:
+        if ref.url.startswith("data:"):
+            spooled = await spool(_data_url_chunks(ref.url), max_bytes)
+        else:
+            headers = provider.download_headers(call, ref.url)
+            async with open_download(rt.http, ref.url, headers) as response:
+                if response.status_code in (401, 403, 404, 410):
+                    raise OutputUnavailable(
+                        "output_expired",
+                        f"output {index} is no longer available at the provider (HTTP {response.status_code})",
+                        transient=False)
+                if response.status_code >= 400:
+                    raise OutputUnavailable("output_download_failed",
+                                            f"output {index}: provider answered HTTP {response.status_code}",
+                                            transient=True)
+                spooled = await spool(response.aiter_bytes(256 * 1024), max_bytes)
+    except OutputTooLarge as exc:
+        raise OutputUnavailable("output_too_large", f"output {index}: {exc}", transient=False) from exc
+    except httpx.HTTPError as exc:
+        raise OutputUnavailable("output_download_failed",
+                                f"output {index}: download failed ({exc.__class__.__name__})",
+                                transient=True) from exc
+    with spooled.file:
+        media = spooled.media
+        if media is None:
+            raise OutputUnavailable("output_invalid",
+                                    f"output {index} is not an image, video or audio file", transient=False)
+        key = f"{job.tenant}/{job.id}/{index}.{media.extension}"
+        await rt.storage.put(key, spooled, media.content_type)
+    return Output(index=index, key=key, content_type=media.content_type, bytes=spooled.size,
+                  sha256=spooled.sha256, width=media.width, height=media.height,
+                  duration_seconds=media.duration_seconds, metadata=ref.metadata)
+
+
+async def _data_url_chunks(url: str) -> AsyncIterator[bytes]:
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise OutputUnavailable("output_invalid", "data: outputs must be base64", transient=False)
+    yield base64.b64decode(payload)
