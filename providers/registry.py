@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from providers.base import Provider, ProviderSettings
+from providers.fal import FalProvider
+from providers.kling import KlingProvider
 from providers.replicate import ReplicateProvider
+from providers.runway import RunwayProvider
+from providers.sora import SoraProvider
+from providers.suno import SunoProvider
+from providers.veo import VeoProvider
 
 ADAPTERS: dict[str, type[Provider]] = {
+    "fal": FalProvider,
+    "kling": KlingProvider,
     "replicate": ReplicateProvider,
+    "runway": RunwayProvider,
+    "sora": SoraProvider,
+    "suno": SunoProvider,
+    "veo": VeoProvider,
 }
 
 

@@ -105,7 +105,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from providers.sandbox import media
-from providers.sandbox.base import SimConfig, SimTask, Simulator, StoredFile, directives
+from providers.sandbox.base import SimConfig, SimTask, Simulator, StoredFile, directives, route_path
 
 # Infrastructure ("request") errors: type -> (HTTP status, detail) [fal-docs request-errors].
 REQUEST_ERRORS: dict[str, tuple[int, str]] = {
@@ -255,7 +255,7 @@ class FalSimulator(Simulator):
         ]
 
     async def dispatch(self, request: Request) -> Response:
-        path = request.url.path
+        path = route_path(request)  # below the mount point (/fal in the sandbox server)
         match = _REQ_PATH.match(path)
         if request.method == "POST":
             if match is not None or len(path.strip("/").split("/")) < 2:
@@ -548,7 +548,7 @@ class FalSimulator(Simulator):
     async def get_file(self, request: Request) -> Response:
         if (injected := await self.fault("download")) is not None:
             return injected
-        f = self.files.get(request.url.path)
+        f = self.files.get(route_path(request))
         if f is None:
             return self.expired_file_response()
         return Response(f.data, media_type=f.content_type)
@@ -644,7 +644,7 @@ class FalSimulator(Simulator):
             return
         raw = json.dumps(self.webhook_body(task)).encode()
         copies = 2 if self._x("webhook_duplicate", False) else 1
-        async with httpx.AsyncClient(timeout=float(self._x("webhook_timeout", 15.0))) as client:
+        async with self.callback_client(float(self._x("webhook_timeout", 15.0))) as client:
             for _ in range(copies):
                 await self._deliver(client, url, task.id, raw)
 

@@ -81,7 +81,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from providers.sandbox import media
-from providers.sandbox.base import FileStore, SimConfig, SimTask, Simulator, directives, new_id
+from providers.sandbox.base import FileStore, SimConfig, SimTask, Simulator, directives, new_id, route_path
 
 FAMILIES = ("text2video", "image2video")
 
@@ -245,7 +245,7 @@ class KlingSimulator(Simulator):
     async def download(self, request: Request) -> Response:
         if (injected := await self.fault("download")) is not None:
             return injected
-        path = request.url.path
+        path = route_path(request)  # below the mount point (/kling in the sandbox server)
         q = request.query_params
         match = _VIDEO_NAME.match(request.path_params["name"])
         try:
@@ -562,7 +562,7 @@ class KlingSimulator(Simulator):
         if self.config.extra.get("callback_on_submit"):
             times.insert(0, task.created_at)
         held: list[bytes] = []
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with self.callback_client(10) as client:
             for i, at in enumerate(times):
                 await asyncio.sleep(max(0.0, at - time.time()))
                 body = json.dumps(self.task_object(task, origin, now=at + 1e-6)).encode()

@@ -467,7 +467,7 @@ class SunoApiSimulator(Simulator):
             if not body["instrumental"] and not prompt:
                 return 400, "prompt is required in custom mode unless instrumental"
             limits = (("prompt", 3000 if old else 5000), ("style", 200 if old else 1000),
-                      ("title", 80 if old else 100))
+                      ("title", 80 if old or model == "V4_5ALL" else 100))  # docs: V4, V4_5ALL 80
             for name, limit in limits:
                 if len(str(body.get(name) or "")) > limit:
                     return 413, f"{name} exceeds {limit} characters"
@@ -610,7 +610,7 @@ class SunoApiSimulator(Simulator):
     async def _run_callbacks(self, task: SimTask, url: str) -> None:
         timeout = float(self.config.extra.get("callback_timeout_seconds", 15.0))
         all_failed = True
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with self.callback_client(timeout) as client:
             for i, (when, _) in enumerate(self.callback_bodies(task)):
                 await asyncio.sleep(max(0.0, when - time.time()))
                 # Rebuilt at send time so URLs and the failure shape follow the config of that moment.
