@@ -1,0 +1,234 @@
+"""Batches: many jobs accepted in one request, counted and followed as one.
+
+A batch of up to 10,000 items is inserted in pipelines (one Lua call per job,
+hundreds per round trip) and enqueued the same way. Batch item job ids are
+derived from the batch id and the item index, so a retried request (same
+``Idempotency-Key``) resumes an interrupted insert instead of duplicating it.
+Per-status counts are kept by the same Lua script that moves each job, so they
+add up at every instant. The transition that finishes the last job marks the
+batch finished exactly once; its ``batch.completed`` webhook has a delivery id
+derived from the batch id, so it is recorded once even if a sweep repeats it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from orchestrator import metrics
+from orchestrator.ids import derived_id, new_id, token
+from orchestrator.jobs import Jobs
+from orchestrator.models import (
+    BatchItemRef,
+    BatchRecord,
+    BatchRequest,
+    BatchView,
+    Job,
+    JobRequest,
+    JobStatus,
+    utcnow,
+)
+from orchestrator.store import Conflict, JobStore, P, ms
+from orchestrator.webhooks import Delivery
+
+log = logging.getLogger("atelier.batches")
+
+
+class BatchIdempotencyConflict(Exception):
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(batch_id)
+        self.batch_id = batch_id
+
+
+@dataclass
+class Batches:
+    jobs: Jobs
+    progress_interval_seconds: float = 10.0
+
+    @property
+    def store(self) -> JobStore:
+        return self.jobs.store
+
+    # -- creating --------------------------------------------------------------------
+    async def create(self, tenant: str, request: BatchRequest, valid: list[tuple[int, JobRequest, str | None]],
+                     invalid_count: int, *, idempotency_key: str | None, body_hash: str,
+                     job_timeouts: dict[str, float]) -> tuple[BatchRecord, list[BatchItemRef], bool]:
+        """Insert the valid items as jobs of a new batch. Returns ``(batch, items, created)``."""
+        redis = self.store.redis
+        record: BatchRecord | None = None
+        if idempotency_key:
+            idem = f"{P}idem:{tenant}:batch:{idempotency_key}"
+            candidate = new_id("bat")
+            await redis.set(idem, f"{candidate} {body_hash}", nx=True, ex=self.jobs.settings.idempotency_ttl_seconds)
+            prior = await redis.get(idem)
+            prior_id, _, prior_hash = (prior.decode() if isinstance(prior, bytes) else str(prior)).partition(" ")
+            if prior_hash != body_hash:
+                raise BatchIdempotencyConflict(prior_id)
+            record = await self.record(prior_id)
+            if record is not None and await redis.hget(self.store.batch_key(prior_id), "accepted") == b"1":  # type: ignore[misc]
+                return record, self._item_refs(record, valid), False
+            batch_id = prior_id
+        else:
+            batch_id = new_id("bat")
+        if record is None:
+            record = BatchRecord(id=batch_id, tenant=tenant, created_at=utcnow(),
+                                 webhook_url=str(request.webhook_url) if request.webhook_url else None,
+                                 metadata=request.metadata, items=len(request.jobs), invalid_count=invalid_count,
+                                 idempotency_key=idempotency_key)
+            pipe = redis.pipeline(transaction=True)
+            pipe.hsetnx(self.store.batch_key(batch_id), "d", record.model_dump_json())
+            pipe.zadd(f"{P}t:{tenant}:batches", {batch_id: 0})
+            await pipe.execute()
+        jobs = [self._job(record, index, item, ref, job_timeouts.get(item.provider))
+                for index, item, ref in valid]
+        grace = self.jobs.settings.sweep_grace_seconds
+        if await self.store.create_many(jobs, active_at=time.time() + grace) == len(jobs):
+            for job in jobs:  # (a replayed half-created batch is not counted again)
+                metrics.job_created(job)
+        pipe = redis.pipeline(transaction=True)
+        pipe.hset(self.store.batch_key(batch_id), "accepted", "1")
+        pipe.hget(self.store.batch_key(batch_id), "done")
+        pipe.hget(self.store.batch_key(batch_id), "total")
+        _, done, total = await pipe.execute()
+        if int(done or 0) >= int(total or 0):
+            await self._finish_if_done(batch_id)  # nothing valid to run (or all already finished)
+        await self.jobs.queue.submit_many([j.id for j in jobs])
+        return record, self._item_refs(record, valid), True
+
+    def _job_id(self, record: BatchRecord, index: int) -> str:
+        return derived_id("job", ms(record.created_at.timestamp()), f"{record.id}:{index}")
+
+    def _item_refs(self, record: BatchRecord, valid: list[tuple[int, JobRequest, str | None]]) -> list[BatchItemRef]:
+        return [BatchItemRef(index=i, ref=ref, job_id=self._job_id(record, i)) for i, _, ref in valid]
+
+    def _job(self, record: BatchRecord, index: int, item: JobRequest, ref: str | None,
+             timeout: float | None) -> Job:
+        now = utcnow()
+        deadline = now + timedelta(seconds=timeout or self.jobs.settings.job_timeout_seconds)
+        return Job(
+            id=self._job_id(record, index), tenant=record.tenant, provider=item.provider, kind=item.kind,
+            model=item.model, input=item.input, webhook_url=str(item.webhook_url) if item.webhook_url else None,
+            metadata=item.metadata, priority=item.priority, retry_unknown_submissions=item.retry_unknown_submissions,
+            batch_id=record.id, ref=ref, callback_token=token(), created_at=now, updated_at=now,
+            timestamps={"queued": now}, deadline_at=deadline,
+        )
+
+    # -- reading ------------------------------------------------------------------------
+    async def record(self, batch_id: str) -> BatchRecord | None:
+        raw = await self.store.redis.hget(self.store.batch_key(batch_id), "d")  # type: ignore[misc]
+        return BatchRecord.model_validate_json(raw) if raw else None
+
+    async def owned(self, tenant: str, batch_id: str) -> BatchRecord | None:
+        record = await self.record(batch_id) if batch_id.startswith("bat_") and len(batch_id) < 64 else None
+        return record if record is not None and record.tenant == tenant else None
+
+    async def view(self, record: BatchRecord) -> BatchView:
+        fields = await self.store.redis.hgetall(self.store.batch_key(record.id))  # type: ignore[misc]
+        data = {k.decode(): v.decode() for k, v in fields.items() if k != b"d"}
+        counts = {s.value: max(0, int(data.get(f"c:{s.value}", 0))) for s in JobStatus}
+        total = int(data.get("total", 0))
+        done = int(data.get("done", 0))
+        finished = data.get("finished_at")
+        return BatchView(
+            id=record.id, status="completed" if finished else "running", total=total,
+            invalid_count=record.invalid_count, counts=counts, done=done,
+            progress=100 if total == 0 else int(100 * done / total), canceled="canceled_at" in data,
+            webhook_url=record.webhook_url, metadata=record.metadata, created_at=record.created_at,
+            finished_at=datetime.fromtimestamp(int(finished) / 1000, UTC) if finished else None,
+        )
+
+    async def job_ids(self, batch_id: str, status: JobStatus | None, cursor: str | None,
+                      limit: int) -> tuple[list[str], str | None]:
+        key = self.store.batch_key(batch_id) + (f":st:{status.value}" if status else ":jobs")
+        lower = f"({cursor}" if cursor else "-"
+        ids = await self.store.redis.zrangebylex(key, lower, "+", start=0, num=limit + 1)
+        ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+        return ids[:limit], ids[limit - 1] if len(ids) > limit else None
+
+    # -- cancel ---------------------------------------------------------------------------
+    async def cancel(self, record: BatchRecord) -> None:
+        """Cancel every job of the batch that has not finished."""
+        await self.store.redis.hsetnx(self.store.batch_key(record.id), "canceled_at", str(ms()))  # type: ignore[misc]
+        sem = asyncio.Semaphore(50)
+
+        async def cancel_one(job_id: str) -> None:
+            async with sem:
+                for _ in range(5):
+                    job = await self.store.get(job_id)
+                    if job is None or job.status.terminal:
+                        return
+                    try:
+                        await self.jobs.cancel(job)
+                        return
+                    except Conflict:
+                        continue
+
+        for status in JobStatus:
+            if status.terminal:
+                continue
+            cursor = None
+            while True:
+                ids, cursor = await self.job_ids(record.id, status, cursor, 1000)
+                await asyncio.gather(*(cancel_one(i) for i in ids))
+                if cursor is None:
+                    break
+
+    # -- batch events -----------------------------------------------------------------------
+    async def on_job_finished(self, job: Job, finished_batch: bool) -> None:
+        """Called after a batch job reached a terminal state (hooked into ``Jobs.transition``)."""
+        assert job.batch_id is not None
+        if finished_batch:
+            await self._notify_completed(job.batch_id)
+            return
+        lock = f"{P}batch:{job.batch_id}:progress"
+        interval_ms = max(1, int(self.progress_interval_seconds * 1000))
+        if await self.store.redis.set(lock, "1", nx=True, px=interval_ms):
+            record = await self.record(job.batch_id)
+            if record is not None and record.webhook_url:
+                await self._deliver(record, "batch.progress", new_id("msg"))
+
+    async def _finish_if_done(self, batch_id: str) -> None:
+        key = self.store.batch_key(batch_id)
+        if await self.store.redis.hsetnx(key, "finished_at", str(ms())):  # type: ignore[misc]
+            await self.store.redis.zadd(self.store.BATCHES_FINISHED, {batch_id: ms()})
+            await self._notify_completed(batch_id)
+
+    async def _notify_completed(self, batch_id: str) -> None:
+        record = await self.record(batch_id)
+        if record is not None and record.webhook_url:
+            await self._deliver(record, "batch.completed", f"msg_{batch_id}_completed")
+        await self.store.redis.zrem(self.store.BATCHES_FINISHED, batch_id)
+
+    async def _deliver(self, record: BatchRecord, event_type: str, delivery_id: str) -> None:
+        assert record.webhook_url is not None
+        view = await self.view(record)
+        payload = json.dumps({"type": event_type, "timestamp": utcnow().isoformat(),
+                              "data": view.model_dump(mode="json")}, separators=(",", ":"))
+        delivery = Delivery(id=delivery_id, tenant=record.tenant, url=record.webhook_url, event_type=event_type,
+                            sequence=view.done, payload=payload)
+        if await self.store.create_delivery(delivery):
+            await self.jobs.queue.deliver(delivery.id, 0)
+
+    async def sweep(self, before: float) -> int:
+        """Finished batches whose completion webhook was not recorded (a crash in between)."""
+        ids = await self.store.redis.zrangebyscore(self.store.BATCHES_FINISHED, "-inf", ms(before), start=0, num=100)
+        for raw in ids:
+            await self._notify_completed(raw.decode() if isinstance(raw, bytes) else raw)
+        return len(ids)
+
+    async def page(self, tenant: str, cursor: str | None, limit: int) -> tuple[list[BatchRecord], str | None]:
+        upper = f"({cursor}" if cursor else "+"
+        ids = await self.store.redis.zrevrangebylex(f"{P}t:{tenant}:batches", upper, "-", start=0, num=limit + 1)
+        records = [await self.record(i.decode() if isinstance(i, bytes) else i) for i in ids[:limit]]
+        found = [r for r in records if r is not None]
+        return found, (found[-1].id if len(ids) > limit and found else None)
+
+
+def item_problem_ref(item: dict[str, Any]) -> str | None:
+    ref = item.get("ref") if isinstance(item, dict) else None
+    return ref if isinstance(ref, str) else None
