@@ -20,7 +20,7 @@ dev: $(STAMP)
 	$(BIN)/atelier dev
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 4
 
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m faults

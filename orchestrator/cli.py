@@ -1,6 +1,6 @@
 """The ``atelier`` command line.
 
-Server side:   serve, worker, dev, demo, sandbox, keys create
+Server side:   serve, worker, dev, demo, sandbox, keys create, healthcheck
 Client side:   submit, get   (talk to --url / ATELIER_URL with --api-key / ATELIER_API_KEY)
 """
 
@@ -55,7 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", default="jobs,webhooks", help="comma-separated: jobs, webhooks")
     p.add_argument("--completion-wait", type=float, default=30.0,
                    help="seconds to let running jobs finish after SIGTERM")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics and /healthz here (default ATELIER_WORKER_METRICS_PORT, "
+                        "9100; 0 turns it off)")
     p.set_defaults(run=cmd_worker)
+
+    p = sub.add_parser("healthcheck", help="exit 0 if the API or worker in this container answers /healthz")
+    p.add_argument("--url", action="append",
+                   help="URL to probe (repeatable; default: the API on :8000, then the worker metrics port)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(run=cmd_healthcheck)
 
     p = sub.add_parser("dev", help="everything in one process: private Redis, simulators, API, worker")
     p.add_argument("--port", type=int, default=8000)
@@ -135,8 +144,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
     unknown = set(queues) - {"jobs", "webhooks"}
     if unknown:
         raise CliError(f"unknown queue(s) {', '.join(sorted(unknown))}: use jobs and/or webhooks")
-    asyncio.run(run(settings, queues=queues, completion_wait=args.completion_wait))
+    port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port
+    asyncio.run(run(settings, queues=queues, completion_wait=args.completion_wait,
+                    metrics_port=port or None))
     return 0
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """For container HEALTHCHECKs: one image runs the API (``serve``) or a worker."""
+    urls = args.url
+    if not urls:
+        try:
+            worker_port = Settings().worker_metrics_port
+        except Exception:  # noqa: BLE001 - an invalid configuration is reported by the server itself
+            worker_port = 9100
+        urls = ["http://127.0.0.1:8000/healthz"] + ([f"http://127.0.0.1:{worker_port}/healthz"] if worker_port else [])
+    for url in urls:
+        try:
+            if httpx.get(url, timeout=args.timeout).status_code == 200:
+                return 0
+        except httpx.HTTPError:
+            continue
+    print(f"atelier: unhealthy: no answer from {', '.join(urls)}", file=sys.stderr)
+    return 1
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -199,7 +229,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     except OSError as exc:
-        raise CliError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+        raise CliError(f"cannot reach Redis at {logs.redact_url(settings.redis_url)}: {exc}") from exc
     print(key)
     print(f"(API key for tenant {args.tenant!r}; it is shown only this once)", file=sys.stderr)
     return 0

@@ -29,5 +29,14 @@ def new_id(prefix: str, at_ms: int | None = None) -> str:
     return f"{prefix}_{_encode_time(ms)}{rand}"
 
 
+def derived_id(prefix: str, at_ms: int, seed: str) -> str:
+    """A time-ordered id whose random part is derived from ``seed`` (stable across retries)."""
+    import hashlib
+
+    digest = hashlib.sha256(seed.encode()).digest()
+    rand = "".join(_ALPHABET[b % 32] for b in digest[:16])
+    return f"{prefix}_{_encode_time(at_ms)}{rand}"
+
+
 def token(nbytes: int = 24) -> str:
     return secrets.token_urlsafe(nbytes)

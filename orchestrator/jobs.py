@@ -11,10 +11,12 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from orchestrator import metrics
 from orchestrator.ids import new_id, token
 from orchestrator.models import (
     TERMINAL,
@@ -60,6 +62,8 @@ class Jobs:
     store: JobStore
     queue: Queue
     storage: Storage
+    # Called after a batch job finished: (job, whether it finished its batch). Set by the runtime.
+    on_batch_job_finished: Callable[[Job, bool], Awaitable[None]] | None = None
 
     # -- views -----------------------------------------------------------------
     async def view(self, job: Job, url_ttl: int | None = None) -> JobView:
@@ -75,7 +79,7 @@ class Jobs:
             model=job.model, input=job.input, priority=job.priority, progress=job.progress, outputs=outputs,
             error=job.error, provider_task_id=job.provider_task_id, provider_request_id=job.provider_request_id,
             provider_status=job.provider_status, note=job.note, attempts=job.attempts, metadata=job.metadata,
-            webhook_url=job.webhook_url, batch_id=job.batch_id, created_at=job.created_at,
+            webhook_url=job.webhook_url, batch_id=job.batch_id, ref=job.ref, created_at=job.created_at,
             updated_at=job.updated_at, timestamps=job.timestamps, deadline_at=job.deadline_at,
             sequence=job.version,
         )
@@ -99,6 +103,7 @@ class Jobs:
             body_hash=body_hash(request) if idempotency_key else None,
         )
         if created:
+            metrics.job_created(job)
             await self.queue.submit(job.id, job.attempts)
         return job, created
 
@@ -126,23 +131,32 @@ class Jobs:
                 new.version = job.version + 1
                 view = await self.view(new, self.settings.webhook_url_ttl_seconds)
                 deliveries.append(new_delivery(job.tenant, new.webhook_url, event.type, view))
-        saved = await self.store.update(job, new, event=event, active_at=active_at, deliveries=deliveries)
+        saved, finished_batch = await self.store.apply(job, new, event=event, active_at=active_at,
+                                                       deliveries=deliveries)
+        metrics.job_changed(job, saved)
         if event is not None:
             log.info("job %s", event.type, extra={"job_id": job.id, "tenant": job.tenant,
                                                    "provider": job.provider, "event": event.type})
         for delivery in deliveries:
             await self.queue.deliver(delivery.id, 0)
+        if saved.batch_id and status in TERMINAL and not job.status.terminal and self.on_batch_job_finished:
+            await self.on_batch_job_finished(saved, finished_batch)
         return saved
 
     async def change(self, job: Job, *, active_at: float | None = None, **changes: Any) -> Job:
         """Update fields without a state change (progress, provider status, notes)."""
         new = job.model_copy(update=changes, deep=True)
-        return await self.store.update(job, new, active_at=active_at)
+        if new.phase == "collecting" and job.phase != "collecting":
+            new.provider_data = {**new.provider_data, metrics.OUTPUTS_READY_AT: time.time()}
+        saved = await self.store.update(job, new, active_at=active_at)
+        metrics.job_changed(job, saved)
+        return saved
 
     async def fail(self, job: Job, code: str, message: str, detail: Any = None,
                    status: JobStatus = S.failed) -> Job:
         log.warning("job failed: %s: %s", code, message,
-                    extra={"job_id": job.id, "tenant": job.tenant, "provider": job.provider})
+                    extra={"job_id": job.id, "tenant": job.tenant, "provider": job.provider,
+                           "event": f"job.{status.value}.error"})
         return await self.transition(job, status, error=JobError(code=code, message=message,
                                                                     provider_detail=detail))
 

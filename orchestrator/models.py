@@ -47,6 +47,12 @@ class Priority(StrEnum):
     low = "low"
 
 
+def small_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes of JSON")
+    return value
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -87,9 +93,7 @@ class JobRequest(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes of JSON")
-        return value
+        return small_metadata(value)
 
 
 class Output(BaseModel):
@@ -139,6 +143,7 @@ class Job(BaseModel):
     retry_unknown_submissions: bool = False
     idempotency_key: str | None = None
     batch_id: str | None = None
+    ref: str | None = None
 
     provider_task_id: str | None = None
     provider_request_id: str | None = None
@@ -202,6 +207,7 @@ class JobView(BaseModel):
     metadata: dict[str, Any]
     webhook_url: str | None
     batch_id: str | None
+    ref: str | None = None
     created_at: datetime
     updated_at: datetime
     timestamps: dict[str, datetime]
@@ -224,4 +230,94 @@ class JobEvent(BaseModel):
 class JobPage(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobView]
+    next_cursor: str | None
+
+
+class JobQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(min_length=1, max_length=1000)
+
+
+class JobQueryResult(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobView]
+    not_found: list[str]
+
+
+MAX_BATCH_ITEMS = 10_000
+
+
+class BatchItem(JobRequest):
+    """One job of a batch, with the client's own reference for it."""
+
+    ref: str | None = Field(None, max_length=200)
+
+
+class BatchRequest(BaseModel):
+    """Items are validated one by one, so that invalid ones can be reported instead of failing all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+    webhook_url: AnyHttpUrl | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    atomic: bool = False
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return small_metadata(value)
+
+
+class ItemProblem(BaseModel):
+    index: int
+    ref: str | None = None
+    field: str
+    message: str
+
+
+class BatchRecord(BaseModel):
+    """The stored, unchanging part of a batch; counts live beside it in Redis."""
+
+    id: str
+    tenant: str
+    created_at: datetime
+    webhook_url: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    items: int
+    invalid_count: int = 0
+    idempotency_key: str | None = None
+
+
+class BatchView(BaseModel):
+    object: Literal["batch"] = "batch"
+    id: str
+    status: Literal["running", "completed"]
+    total: int
+    invalid_count: int
+    counts: dict[str, int]
+    done: int
+    progress: int
+    canceled: bool
+    webhook_url: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class BatchItemRef(BaseModel):
+    index: int
+    ref: str | None
+    job_id: str
+
+
+class BatchCreated(BatchView):
+    items: list[BatchItemRef]
+    invalid: list[ItemProblem]
+
+
+class BatchPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchView]
     next_cursor: str | None

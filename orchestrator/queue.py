@@ -9,10 +9,28 @@ not be able to run code in a worker.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+# Enqueue unless the arq job id is already queued, running or holding a result (as arq's own
+# enqueue_job does with WATCH), in one round trip so thousands can share a pipeline.
+_ENQUEUE_IF_ABSENT = """
+if redis.call('EXISTS', KEYS[1], KEYS[3]) > 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
 
 
 def dumps(obj: Any) -> bytes:
@@ -23,7 +41,69 @@ def loads(data: bytes) -> Any:
     return json.loads(data)
 
 
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+
+
+@dataclass
+class SentinelTarget:
+    """``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master>[/<db>][?sentinel_password=...]``"""
+
+    sentinels: list[tuple[str, int]]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+    ssl: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelTarget:
+        parts = urlsplit(url)
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        username, _, password = userinfo.partition(":")
+        sentinels = []
+        for item in hosts.split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError("a Sentinel URL lists host:port pairs: redis+sentinel://h1:26379,h2:26379/mymaster/0")
+            sentinels.append((host.strip("[]"), int(port)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError("a Sentinel URL names the master and optionally the db: .../mymaster/0")
+        query = parse_qs(parts.query)
+        return cls(sentinels=sentinels, master=unquote(path[0]), db=int(path[1]) if len(path) == 2 else 0,
+                   username=unquote(username) or None, password=unquote(password) or None,
+                   sentinel_password=query.get("sentinel_password", [None])[0],
+                   ssl=parts.scheme.startswith("rediss"))
+
+
+async def _connect_sentinel(target: SentinelTarget, queue_name: str, retries: int = 10) -> ArqRedis:
+    """The primary that the Sentinels name (re-resolved on failover by redis-py's Sentinel pool)."""
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5.0}
+    if target.sentinel_password:
+        sentinel_kwargs["password"] = target.sentinel_password
+    sentinel = Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs, ssl=target.ssl, db=target.db,
+                        username=target.username, password=target.password, retry_on_timeout=True)
+    for attempt in range(retries + 1):
+        redis = sentinel.master_for(target.master, redis_class=ArqRedis)
+        redis.job_serializer = dumps
+        redis.job_deserializer = loads
+        redis.default_queue_name = queue_name
+        try:
+            await redis.ping()
+            return redis
+        except (OSError, RedisError):  # TimeoutError is an OSError
+            await redis.aclose()
+            if attempt == retries:
+                raise
+            await asyncio.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
 async def connect(redis_url: str, queue_name: str) -> ArqRedis:
+    """Redis for the store and the queue: ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``."""
+    if redis_url.split("://", 1)[0] in SENTINEL_SCHEMES:
+        return await _connect_sentinel(SentinelTarget.parse(redis_url), queue_name)
     settings = RedisSettings.from_dsn(redis_url)
     settings.conn_retries = 10
     settings.retry_on_timeout = True
@@ -36,14 +116,31 @@ class Queue:
         self.arq = arq
         self.jobs_queue = jobs_queue
         self.webhooks_queue = webhooks_queue
+        self._enqueue_if_absent = arq.register_script(_ENQUEUE_IF_ABSENT)
 
     async def _enqueue(self, function: str, job_id: str, queue: str, defer: float, *args: Any) -> bool:
         job = await self.arq.enqueue_job(function, *args, _job_id=job_id, _queue_name=queue,
                                          _defer_by=max(0.0, defer) or None)
         return job is not None
 
-    async def submit(self, job_id: str, attempt: int, defer: float = 0) -> bool:
-        return await self._enqueue("submit_job", f"submit:{job_id}:{attempt}", self.jobs_queue, defer, job_id)
+    async def submit(self, job_id: str, attempt: int, defer: float = 0, tag: str = "") -> bool:
+        arq_id = f"submit:{job_id}:{attempt}{tag}"
+        return await self._enqueue("submit_job", arq_id, self.jobs_queue, defer, job_id)
+
+    async def submit_many(self, job_ids: Sequence[str], chunk: int = 1000) -> int:
+        """Enqueue first submissions for many jobs in pipelines (batches); returns how many were new."""
+        added = 0
+        now = int(time.time() * 1000)
+        for start in range(0, len(job_ids), chunk):
+            pipe = self.arq.pipeline(transaction=False)
+            for job_id in job_ids[start:start + chunk]:
+                arq_id = f"submit:{job_id}:0"
+                payload = serialize_job("submit_job", (job_id,), {}, None, now, serializer=dumps)
+                await self._enqueue_if_absent(
+                    keys=[job_key_prefix + arq_id, self.jobs_queue, result_key_prefix + arq_id],
+                    args=[payload, expires_extra_ms, now, arq_id], client=pipe)
+            added += sum(int(r) for r in await pipe.execute())
+        return added
 
     async def poll(self, job_id: str, seq: int, defer: float = 0) -> bool:
         return await self._enqueue("poll_job", f"poll:{job_id}:{seq}", self.jobs_queue, defer, job_id, seq)

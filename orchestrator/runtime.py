@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import httpx
 from arq.connections import ArqRedis
 
+from orchestrator import logs, metrics
+from orchestrator.batches import Batches
 from orchestrator.jobs import Jobs
 from orchestrator.queue import Queue, connect
 from orchestrator.settings import Settings
@@ -25,6 +27,7 @@ class Runtime:
     storage: Storage
     registry: Registry
     jobs: Jobs
+    batches: Batches
     http: httpx.AsyncClient  # to providers
 
     @classmethod
@@ -33,17 +36,24 @@ class Runtime:
         secret = (settings.file_url_secret.get_secret_value() if settings.file_url_secret
                   else await shared_secret(redis, "file-url"))
         storage = open_storage(settings.storage_url, public_url=settings.public_url, secret=secret,
-                               s3_endpoint_url=settings.s3_endpoint_url)
+                               s3_endpoint_url=settings.s3_endpoint_url,
+                               s3_public_endpoint_url=settings.s3_public_endpoint_url)
         store = JobStore(redis, settings.idempotency_ttl_seconds)
         queue = Queue(redis, settings.queue_name, settings.webhook_queue_name)
-        http = httpx.AsyncClient(
+        registry = Registry(settings.provider_settings())
+        logs.mask_secrets(settings.secret_values())
+        metrics.provider_keys({name: len(p.settings.api_keys) for name, p in registry.providers.items()})
+        http = metrics.MeteredClient(
+            metrics.ProviderClassifier({name: p.base_url for name, p in registry.providers.items()}),
             timeout=httpx.Timeout(settings.http_timeout_seconds, connect=10.0),
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
             follow_redirects=False,
         )
+        jobs = Jobs(settings, store, queue, storage)
+        batches = Batches(jobs, settings.batch_progress_interval_seconds)
+        jobs.on_batch_job_finished = batches.on_job_finished
         return cls(settings=settings, redis=redis, store=store, queue=queue, storage=storage,
-                   registry=Registry(settings.provider_settings()),
-                   jobs=Jobs(settings, store, queue, storage), http=http)
+                   registry=registry, jobs=jobs, batches=batches, http=http)
 
     async def close(self) -> None:
         await self.http.aclose()

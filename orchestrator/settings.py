@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     storage_url: str = "./.atelier/storage"
     s3_endpoint_url: str | None = None
+    # Endpoint that presigned output URLs name, when clients reach the store at another address
+    # than Atelier does (e.g. MinIO in docker compose: http://minio:9000 inside, localhost:9000 outside).
+    s3_public_endpoint_url: str | None = None
     public_url: str = "http://127.0.0.1:8000"
     config_file: Path | None = None
 
@@ -70,6 +73,8 @@ class Settings(BaseSettings):
     max_output_bytes: int = 2 * 1024**3
     max_request_bytes: int = 1024 * 1024
     idempotency_ttl_seconds: int = 7 * 24 * 3600
+    max_batch_request_bytes: int = 32 * 1024 * 1024
+    batch_progress_interval_seconds: float = 10.0
 
     http_timeout_seconds: float = 30.0
     poll_min_seconds: float = 2.0
@@ -86,6 +91,8 @@ class Settings(BaseSettings):
     worker_max_jobs: int = 200
     worker_poll_delay: float = 0.05
     sweep_grace_seconds: float = 90.0
+    # `atelier worker` serves Prometheus metrics and /healthz on this port (0: off).
+    worker_metrics_port: int = 9100
 
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
@@ -133,6 +140,14 @@ class Settings(BaseSettings):
     @property
     def retry_schedule(self) -> list[float]:
         return [float(x) for x in self.webhook_retry_schedule.split(",") if x.strip()]
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret (provider keys, signing secrets): the logs mask them."""
+        values = [v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr)]
+        for cfg in self.provider_settings().values():
+            values += cfg.api_keys
+            values += [str(v) for k, v in cfg.extra.items() if "secret" in k or k.endswith("_key")]
+        return [v for v in values if v]
 
     def provider_settings(self) -> dict[str, ProviderSettings]:
         """Settings of every provider that has a base URL (configured, default, or sandbox)."""

@@ -124,16 +124,18 @@ class LocalStorage(Storage):
 
 
 class S3Storage(Storage):
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None) -> None:
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None,
+                 public_endpoint_url: str | None = None) -> None:
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client: Any = boto3.client(
-            "s3", endpoint_url=endpoint_url,
-            config=Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"}),
-        )
+        config = Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"})
+        self.client: Any = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        # Presigned URLs name the host clients reach (the signature covers it); presigning is offline.
+        self.presigner: Any = (boto3.client("s3", endpoint_url=public_endpoint_url, config=config)
+                               if public_endpoint_url else self.client)
 
     def object_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -145,7 +147,7 @@ class S3Storage(Storage):
         )
 
     async def url(self, key: str, ttl_seconds: int) -> str:
-        return str(self.client.generate_presigned_url(
+        return str(self.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self.object_key(key)},
             ExpiresIn=min(ttl_seconds, 7 * 24 * 3600),
         ))
@@ -158,12 +160,13 @@ class S3Storage(Storage):
         await asyncio.to_thread(self.client.head_bucket, Bucket=self.bucket)
 
 
-def open_storage(storage_url: str, *, public_url: str, secret: str, s3_endpoint_url: str | None) -> Storage:
+def open_storage(storage_url: str, *, public_url: str, secret: str, s3_endpoint_url: str | None,
+                 s3_public_endpoint_url: str | None = None) -> Storage:
     parts = urlsplit(storage_url)
     if parts.scheme == "file":
         return LocalStorage(Path(parts.path), public_url, secret)
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ValueError("ATELIER_STORAGE_URL s3:// needs a bucket: s3://bucket/prefix")
-        return S3Storage(parts.netloc, parts.path, s3_endpoint_url)
+        return S3Storage(parts.netloc, parts.path, s3_endpoint_url, s3_public_endpoint_url)
     raise ValueError(f"ATELIER_STORAGE_URL must be file:///path or s3://bucket/prefix, not {storage_url!r}")

@@ -32,6 +32,7 @@ from orchestrator.webhooks import Delivery
 P = "atl:"
 
 _CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
 if ARGV[8] ~= '' then
   local existing = redis.call('GET', KEYS[6])
   if existing then return existing end
@@ -42,30 +43,75 @@ redis.call('RPUSH', KEYS[2], ARGV[5])
 redis.call('ZADD', KEYS[3], 0, ARGV[6])
 redis.call('ZADD', KEYS[4], 0, ARGV[6])
 redis.call('ZADD', KEYS[5], ARGV[7], ARGV[6])
+if ARGV[11] ~= '' then
+  redis.call('ZADD', KEYS[7] .. ':jobs', 0, ARGV[6])
+  redis.call('ZADD', KEYS[7] .. ':st:' .. ARGV[2], 0, ARGV[6])
+  redis.call('HINCRBY', KEYS[7], 'c:' .. ARGV[2], 1)
+  redis.call('HINCRBY', KEYS[7], 'total', 1)
+end
 return ''
 """
 
+# KEYS: 1 job, 2 job events, 3 tenant old-status set, 4 tenant new-status set, 5 active, 6 webhook due,
+#       7 batch hash (or a dummy), 8.. webhook deliveries
+# ARGV: 1 expected version, 2 job JSON, 3 new status, 4 job id, 5 event JSON or '', 6 active ('' keep,
+#       '-' remove, else score), 7 now ms, 8 delivery key prefix, 9 old status, 10 batch id or '',
+#       11 '1' if the new status is terminal and the old one was not, 12.. delivery JSON
 _UPDATE = """
 local v = redis.call('HGET', KEYS[1], 'v')
-if not v then return -1 end
-if v ~= ARGV[1] then return 0 end
+if not v then return {-1, 0} end
+if v ~= ARGV[1] then return {0, 0} end
 local nv = tonumber(v) + 1
 redis.call('HSET', KEYS[1], 'v', nv, 'd', ARGV[2], 's', ARGV[3])
 if KEYS[3] ~= KEYS[4] then
   redis.call('ZREM', KEYS[3], ARGV[4])
   redis.call('ZADD', KEYS[4], 0, ARGV[4])
 end
-if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[5]) end
+if ARGV[5] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[5])
+  redis.call('PUBLISH', KEYS[2], nv)
+end
 if ARGV[6] == '-' then
   redis.call('ZREM', KEYS[5], ARGV[4])
 elseif ARGV[6] ~= '' then
   redis.call('ZADD', KEYS[5], ARGV[6], ARGV[4])
 end
-for i = 7, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 2])
+for i = 8, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 4])
   redis.call('ZADD', KEYS[6], ARGV[7], string.sub(KEYS[i], string.len(ARGV[8]) + 1))
 end
-return nv
+local finished = 0
+if ARGV[10] ~= '' and ARGV[9] ~= ARGV[3] then
+  local b = KEYS[7]
+  redis.call('HINCRBY', b, 'c:' .. ARGV[9], -1)
+  redis.call('HINCRBY', b, 'c:' .. ARGV[3], 1)
+  redis.call('ZREM', b .. ':st:' .. ARGV[9], ARGV[4])
+  redis.call('ZADD', b .. ':st:' .. ARGV[3], 0, ARGV[4])
+  if ARGV[5] ~= '' then
+    local seq = redis.call('HINCRBY', b, 'seq', 1)
+    redis.call('RPUSH', b .. ':ev', '{"sequence":' .. seq .. ',"job_id":"' .. ARGV[4] .. '","event":' .. ARGV[5] .. '}')
+    redis.call('PUBLISH', b .. ':ev', seq)
+  end
+  if ARGV[11] == '1' then
+    local done = redis.call('HINCRBY', b, 'done', 1)
+    if redis.call('HGET', b, 'accepted') == '1' and done >= tonumber(redis.call('HGET', b, 'total') or '0') then
+      if redis.call('HSETNX', b, 'finished_at', ARGV[7]) == 1 then
+        redis.call('ZADD', KEYS[6] .. ':batches', ARGV[7], ARGV[10])
+        finished = 1
+      end
+    end
+  end
+end
+return {nv, finished}
+"""
+
+
+_CREATE_DELIVERY = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  return 1
+end
+return 0
 """
 
 
@@ -99,6 +145,7 @@ class JobStore:
         self.idempotency_ttl = idempotency_ttl_seconds
         self._create = redis.register_script(_CREATE)
         self._update = redis.register_script(_UPDATE)
+        self._create_delivery = redis.register_script(_CREATE_DELIVERY)
 
     # -- keys ----------------------------------------------------------------
     @staticmethod
@@ -115,6 +162,12 @@ class JobStore:
 
     ACTIVE = f"{P}active"
     DELIVERIES_DUE = f"{P}wh:due"
+    # Batches whose completion webhook may not have been recorded yet (see ``Batches``).
+    BATCHES_FINISHED = f"{P}wh:due:batches"
+
+    @staticmethod
+    def batch_key(batch_id: str) -> str:
+        return f"{P}batch:{batch_id}"
 
     @staticmethod
     def delivery_key(delivery_id: str) -> str:
@@ -131,11 +184,13 @@ class JobStore:
         idem_key = f"{P}idem:{job.tenant}:{job.idempotency_key}" if job.idempotency_key else f"{P}idem:-"
         idem_value = f"{job.id} {body_hash}" if job.idempotency_key else ""
         existing = await self._create(
-            keys=[self.job_key(job.id), self.events_key(job.id), self.tenant_key(job.tenant),
-                  self.tenant_key(job.tenant, job.status), self.ACTIVE, idem_key],
-            args=[job.model_dump_json(), job.status.value, job.tenant, 0, event.model_dump_json(), job.id,
-                  ms(active_at), idem_value, self.idempotency_ttl, job.version],
+            keys=self._create_keys(job, idem_key),
+            args=self._create_args(job, event, active_at, idem_value),
         )
+        if existing in (b"exists", "exists"):
+            prior = await self.get(job.id)
+            assert prior is not None
+            return prior, False
         if existing:
             prior_id, _, prior_hash = (existing.decode() if isinstance(existing, bytes) else existing).partition(" ")
             if prior_hash != body_hash:
@@ -145,6 +200,28 @@ class JobStore:
                 raise IdempotencyConflict(prior_id)
             return prior, False
         return job, True
+
+    def _create_keys(self, job: Job, idem_key: str) -> list[str]:
+        return [self.job_key(job.id), self.events_key(job.id), self.tenant_key(job.tenant),
+                self.tenant_key(job.tenant, job.status), self.ACTIVE, idem_key,
+                self.batch_key(job.batch_id) if job.batch_id else f"{P}-"]
+
+    def _create_args(self, job: Job, event: JobEvent, active_at: float, idem_value: str) -> list[str | int]:
+        return [job.model_dump_json(), job.status.value, job.tenant, 0, event.model_dump_json(), job.id,
+                ms(active_at), idem_value, self.idempotency_ttl, job.version, job.batch_id or ""]
+
+    async def create_many(self, jobs: Sequence[Job], *, active_at: float, chunk: int = 500) -> int:
+        """Insert jobs in pipelines (a batch); existing ids are skipped. Returns how many were new."""
+        created = 0
+        for start in range(0, len(jobs), chunk):
+            pipe = self.redis.pipeline(transaction=False)
+            for job in jobs[start:start + chunk]:
+                job.version = 1
+                event = JobEvent(sequence=1, type="job.created", status=job.status, at=job.created_at)
+                await self._create(keys=self._create_keys(job, f"{P}idem:-"),
+                             args=self._create_args(job, event, active_at, ""), client=pipe)
+            created += sum(1 for r in await pipe.execute() if r in (b"", ""))
+        return created
 
     async def get(self, job_id: str) -> Job | None:
         raw = await self.redis.hmget(self.job_key(job_id), ["v", "d"])  # type: ignore[misc]
@@ -156,38 +233,40 @@ class JobStore:
             pipe.hmget(self.job_key(job_id), ["v", "d"])
         return [_job(raw) for raw in await pipe.execute()]
 
-    async def update(
-        self,
-        old: Job,
-        new: Job,
-        *,
-        event: JobEvent | None = None,
-        active_at: float | None = None,
-        deliveries: Sequence[Delivery] = (),
-    ) -> Job:
+    async def update(self, old: Job, new: Job, *, event: JobEvent | None = None, active_at: float | None = None,
+                     deliveries: Sequence[Delivery] = ()) -> Job:
         """Compare-and-set ``old`` -> ``new``; append ``event``; record ``deliveries``.
 
         ``active_at``: when the sweeper should next look at the job (``REMOVE`` to
         drop it from the index, ``None`` to leave it).
         """
+        saved, _ = await self.apply(old, new, event=event, active_at=active_at, deliveries=deliveries)
+        return saved
+
+    async def apply(self, old: Job, new: Job, *, event: JobEvent | None = None, active_at: float | None = None,
+                    deliveries: Sequence[Delivery] = ()) -> tuple[Job, bool]:
+        """``update``, also saying whether this change finished the job's batch (exactly once per batch)."""
         new.version = old.version + 1
         new.updated_at = utcnow()
         if event is not None:
             event.sequence = new.version
         active = "" if active_at is None else ("-" if active_at == REMOVE else str(ms(active_at)))
+        finishing = new.status.terminal and not old.status.terminal
         keys = [self.job_key(old.id), self.events_key(old.id), self.tenant_key(old.tenant, old.status),
-                self.tenant_key(old.tenant, new.status), self.ACTIVE, self.DELIVERIES_DUE]
+                self.tenant_key(old.tenant, new.status), self.ACTIVE, self.DELIVERIES_DUE,
+                self.batch_key(old.batch_id) if old.batch_id else f"{P}-"]
         args: list[str | int] = [old.version, new.model_dump_json(), new.status.value, old.id,
-                                 event.model_dump_json() if event else "", active, ms(), f"{P}wh:"]
+                                 event.model_dump_json() if event else "", active, ms(), f"{P}wh:",
+                                 old.status.value, old.batch_id or "", "1" if finishing else "0"]
         for d in deliveries:
             keys.append(self.delivery_key(d.id))
             args.append(d.model_dump_json())
-        result = await self._update(keys=keys, args=args)
-        if result == -1:
+        version, finished = await self._update(keys=keys, args=args)
+        if version == -1:
             raise Conflict(f"job {old.id} does not exist")
-        if result == 0:
+        if version == 0:
             raise Conflict(f"job {old.id} changed concurrently")
-        return new
+        return new, bool(finished)
 
     async def events(self, job_id: str, after: int = 0) -> list[JobEvent]:
         raw = await self.redis.lrange(self.events_key(job_id), 0, -1)  # type: ignore[misc]
@@ -262,6 +341,13 @@ class JobStore:
         else:
             pipe.zrem(self.DELIVERIES_DUE, delivery.id)
         await pipe.execute()
+
+    async def create_delivery(self, delivery: Delivery) -> bool:
+        """Record a new delivery unless one with this id exists (deterministic ids make this once-only)."""
+        created = await self._create_delivery(
+            keys=[self.delivery_key(delivery.id), self.DELIVERIES_DUE],
+            args=[delivery.model_dump_json(), ms(delivery.next_attempt_at.timestamp()), delivery.id])
+        return bool(created)
 
     async def overdue_deliveries(self, now: float, limit: int = 500) -> list[str]:
         ids = await self.redis.zrangebyscore(self.DELIVERIES_DUE, "-inf", ms(now), start=0, num=limit)

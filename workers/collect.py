@@ -98,7 +98,8 @@ async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
     try:
         await rt.jobs.transition(job, S.succeeded, outputs=outputs, note=None)
     except Conflict:
-        log.info("job changed during collection (canceled?); outputs kept in storage", extra=log_extra(job))
+        log.info("job changed during collection (canceled?); outputs kept in storage",
+                 extra=log_extra(job, "collect.superseded"))
 
 
 async def _store_output(rt: Runtime, provider: Provider, call: CallContext, job: Job, index: int,

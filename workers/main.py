@@ -18,9 +18,11 @@ import httpx
 from arq import cron, func
 from arq.worker import Worker
 
+from orchestrator import metrics
 from orchestrator.queue import connect, dumps, loads
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
+from providers.sandbox.serve import serving
 from workers import collect, tasks
 
 log = logging.getLogger("atelier.worker")
@@ -63,8 +65,12 @@ async def build_workers(settings: Settings, ctx: dict[str, Any], queues: Sequenc
 
 
 async def run(settings: Settings, *, queues: Sequence[str] = ("jobs", "webhooks"),
-              stop: asyncio.Event | None = None, completion_wait: float = 30.0) -> None:
-    """Run until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is not given)."""
+              stop: asyncio.Event | None = None, completion_wait: float = 30.0,
+              metrics_port: int | None = None, metrics_host: str = "0.0.0.0") -> None:
+    """Run until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is not given).
+
+    With ``metrics_port`` (0: any free port), serve ``/metrics`` and ``/healthz`` there.
+    """
     rt = await Runtime.open(settings)
     webhook_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.webhook_timeout_seconds),
                                      follow_redirects=False)
@@ -76,8 +82,14 @@ async def run(settings: Settings, *, queues: Sequence[str] = ("jobs", "webhooks"
             loop.add_signal_handler(sig, stop.set)
     workers = await build_workers(settings, ctx, queues)
     runs = [asyncio.create_task(w.async_run()) for w in workers]
-    log.info("worker started on %s", ", ".join(w.queue_name for w in workers))
+    log.info("worker started on %s", ", ".join(w.queue_name for w in workers), extra={"event": "worker.started"})
+    servers = contextlib.AsyncExitStack()
     try:
+        if metrics_port is not None:
+            app = metrics.worker_app(rt.redis, (settings.queue_name, settings.webhook_queue_name),
+                                     healthy=lambda: stop.is_set() or not any(t.done() for t in runs))
+            url = await servers.enter_async_context(serving(app, host=metrics_host, port=metrics_port))
+            log.info("worker metrics at %s/metrics", url, extra={"event": "worker.metrics"})
         done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *runs],
                                      return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -85,6 +97,7 @@ async def run(settings: Settings, *, queues: Sequence[str] = ("jobs", "webhooks"
                 raise task.exception()  # type: ignore[misc]
     finally:
         await _shutdown(workers, completion_wait)
+        await servers.aclose()
         for task in runs:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -100,7 +113,8 @@ async def _shutdown(workers: list[Worker], completion_wait: float) -> None:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(_idle(workers), completion_wait)
     for w in workers:
-        with contextlib.suppress(Exception):
+        # close() gathers the jobs it just cancelled; their CancelledError is expected here.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             await w.close()
 
 

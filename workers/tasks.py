@@ -22,14 +22,15 @@ from typing import Any
 
 import httpx
 
-from orchestrator import keypool
+from orchestrator import keypool, metrics
 from orchestrator.jobs import deadline_passed
+from orchestrator.logs import redact_url
 from orchestrator.models import TERMINAL, Job, JobStatus, utcnow
 from orchestrator.runtime import Runtime
 from orchestrator.schedule import poll_delay
 from orchestrator.store import Conflict
 from orchestrator.tenants import webhook_secret
-from orchestrator.webhooks import Attempt, sign
+from orchestrator.webhooks import Attempt, Delivery, sign
 from providers.base import (
     CallContext,
     MalformedResponse,
@@ -55,15 +56,19 @@ def runtime_of(ctx: dict[str, Any]) -> Runtime:
     return rt
 
 
-def log_extra(job: Job) -> dict[str, str]:
-    return {"job_id": job.id, "tenant": job.tenant, "provider": job.provider}
+def log_extra(job: Job, event: str) -> dict[str, str]:
+    """The fields every log line about a job carries (``event``: what happened, e.g. ``status.unknown``)."""
+    return {"job_id": job.id, "tenant": job.tenant, "provider": job.provider, "event": event}
 
 
 def call_context(rt: Runtime, provider: Provider, job: Job) -> CallContext:
     """Call context with the key that submitted ``job`` (or, before submission, the one it will use)."""
     keys = provider.settings.api_keys
-    key = keypool.resolve(keys, job.key_id) if job.key_id else keypool.pick(keys, job)
+    key = keypool.resolve(keys, job.key_id) if job.key_id else (keypool.pick(keys, job) if keys else None)
     if key is None:
+        metrics.key_missing(job.provider)
+        if not job.key_id:
+            raise LookupError(f"no API key configured for {job.provider}")
         raise LookupError(f"the {job.provider} key that submitted this job is no longer configured")
     callback_url = None
     if provider.supports_callbacks and rt.settings.callbacks_enabled:
@@ -75,7 +80,7 @@ def call_context(rt: Runtime, provider: Provider, job: Job) -> CallContext:
 async def load_job(rt: Runtime, job_id: str) -> Job | None:
     job = await rt.store.get(job_id)
     if job is None:
-        log.warning("job %s vanished from the store", job_id)
+        log.warning("job %s vanished from the store", job_id, extra={"job_id": job_id, "event": "job.vanished"})
     return job
 
 
@@ -91,7 +96,13 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
         await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
         return
     if job.status == S.submitting:
-        # A previous attempt recorded its intent and never recorded an outcome (worker died).
+        # A previous attempt recorded its intent and no outcome. If it may still be talking to the
+        # provider (a duplicate delivery of this arq job), look again once it must have finished.
+        started = float(job.provider_data.get("submit_started") or 0)
+        wait = started + provider.settings.timeout_seconds + 15 - time.time()
+        if wait > 0:
+            await rt.queue.submit(job.id, job.attempts, wait, tag=":check")
+            return
         await _resolve_unknown(rt, provider, job, OutcomeUnknown("a worker stopped during the submission"))
         return
     if job.status != S.queued:
@@ -135,7 +146,8 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
     except ProviderError as exc:
         await fail_current(rt, job, exc.code, exc.message, exc.detail)
         return
-    data = {**result.data, "callback_expected": call.callback_url is not None}
+    # The adapter may say no callback will come (e.g. through a gateway), whatever URL it was given.
+    data = {"callback_expected": call.callback_url is not None, **result.data}
     await _submitted(rt, provider, job, result.task_id, result.request_id, result.status, data)
 
 
@@ -193,10 +205,11 @@ async def _resolve_unknown(rt: Runtime, provider: Provider, job: Job, exc: Provi
     try:
         found = await provider.reconcile(call_context(rt, provider, job), job, since)
     except (ProviderError, LookupError) as rec_exc:
-        log.warning("reconcile failed: %s", rec_exc, extra=log_extra(job))
+        log.warning("reconcile failed: %s", rec_exc, extra=log_extra(job, "submit.reconcile_failed"))
         found = None
     if found is not None and not await rt.store.job_for_task(job.provider, found.task_id):
-        log.info("reconciled an ambiguous submission to task %s", found.task_id, extra=log_extra(job))
+        log.info("reconciled an ambiguous submission to task %s", found.task_id,
+                 extra=log_extra(job, "submit.reconciled"))
         await _submitted(rt, provider, job, found.task_id, found.request_id, found.status, found.data)
         return
     if job.retry_unknown_submissions:
@@ -272,7 +285,8 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
     try:
         if status.state in ("queued", "unknown"):
             if status.state == "unknown":
-                log.warning("unknown provider status %r; still waiting", status.raw_status, extra=log_extra(job))
+                log.warning("unknown provider status %r; still waiting", status.raw_status,
+                            extra=log_extra(job, "status.unknown"))
             await _next_poll(rt, provider, job, status.poll_after, **common)
         elif status.state == "running":
             if job.status == S.submitted:
@@ -298,7 +312,8 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
                                status.error_message or "the provider canceled the task",
                                status.error_detail, status=S.canceled)
     except Conflict:
-        log.info("job changed while applying a status; the newer state stands", extra=log_extra(job))
+        log.info("job changed while applying a status; the newer state stands",
+                 extra=log_extra(job, "status.superseded"))
 
 
 async def _next_poll(rt: Runtime, provider: Provider, job: Job, hint: float | None, **changes: Any) -> None:
@@ -387,17 +402,26 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
         delivery.status = "delivered"
     elif n >= len(schedule):
         delivery.status = "dead"
-        log.warning("webhook %s dead after %d attempts", delivery.id, n,
-                    extra={"job_id": delivery.job_id, "tenant": delivery.tenant})
+        log.warning("webhook %s to %s dead after %d attempts", delivery.id, redact_url(delivery.url), n,
+                    extra=await _delivery_log_extra(rt, delivery, "webhook.dead"))
     else:
         base = schedule[n]
         delay = base * random.uniform(0.8, 1.2)
         if retry_after is not None and base > 0:
             delay = min(max(retry_after, base), 2 * base)
         delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+        log.info("webhook %s to %s failed (%s); retrying in %.1fs", delivery.id, redact_url(delivery.url),
+                 status_code or error, delay, extra=await _delivery_log_extra(rt, delivery, "webhook.retry"))
+    metrics.webhook_attempt("retry" if delivery.status == "pending" else delivery.status, latency / 1000)
     await rt.store.save_delivery(delivery)
     if delivery.status == "pending":
         await rt.queue.deliver(delivery.id, n, (delivery.next_attempt_at - utcnow()).total_seconds())
+
+
+async def _delivery_log_extra(rt: Runtime, delivery: Delivery, event: str) -> dict[str, str | None]:
+    job = await rt.store.get(delivery.job_id) if delivery.job_id else None
+    return {"job_id": delivery.job_id, "tenant": delivery.tenant, "provider": job.provider if job else None,
+            "delivery_id": delivery.id, "event": event}
 
 
 # -- sweep -------------------------------------------------------------------------------
@@ -441,6 +465,9 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         delivery.next_attempt_at = utcnow()
         await rt.store.save_delivery(delivery)
         redelivered += 1
+    redelivered += await rt.batches.sweep(now - grace)
+    metrics.swept(rescued, redelivered)
     if rescued or redelivered:
-        log.info("sweep re-scheduled %d jobs and %d webhook deliveries", rescued, redelivered)
+        log.info("sweep re-scheduled %d jobs and %d webhook deliveries", rescued, redelivered,
+                 extra={"event": "sweep.rescued"})
     return {"jobs": rescued, "deliveries": redelivered}

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from orchestrator.api import callbacks, jobs, misc, problems
+from orchestrator.api import batches, callbacks, jobs, misc, observability, problems, streams
 from orchestrator.api.limits import BodySizeLimit
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
@@ -32,7 +32,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     problems.install(app)
     app.include_router(jobs.router)
+    app.include_router(batches.router)
+    app.include_router(streams.router)
     app.include_router(misc.router)
     app.include_router(callbacks.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.include_router(observability.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
+                       overrides={"/v1/batches": settings.max_batch_request_bytes})
     return app

@@ -16,6 +16,7 @@ import logging
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from orchestrator import metrics
 from orchestrator.api.deps import RuntimeDep
 from orchestrator.api.problems import problem_response
 from orchestrator.models import TERMINAL, JobStatus
@@ -43,7 +44,8 @@ async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> 
     try:
         hint = await adapter.verify_callback(ctx, request.headers, body)
     except CallbackRejected as exc:
-        log.warning("callback rejected: %s", exc.message, extra={"provider": provider})
+        metrics.callback_failed(provider, "signature")
+        log.warning("callback rejected: %s", exc.message, extra={"provider": provider, "event": "callback.rejected"})
         return problem_response(401, "Callback not verified", exc.message)
 
     if not job_id and hint.task_id:
@@ -51,7 +53,9 @@ async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> 
     job = await rt.store.get(job_id) if job_id.startswith("job_") else None
     token_ok = job is not None and bool(token) and hmac.compare_digest(token, job.callback_token)
     if adapter.callback_auth == "token" and not token_ok:
-        log.warning("callback with a missing or wrong token", extra={"provider": provider})
+        metrics.callback_failed(provider, "token")
+        log.warning("callback with a missing or wrong token", extra={"provider": provider,
+                                                                     "event": "callback.rejected"})
         return problem_response(401, "Callback not verified", "missing or wrong callback token")
     if job is None or job.provider != provider:
         return _ack("ignored: unknown job")
@@ -72,5 +76,6 @@ async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> 
             job = fresh
     await rt.queue.poll(job.id, job.poll_seq, 0)
     log.info("callback accepted; fetching status now", extra={"job_id": job.id, "provider": provider,
+                                                              "event": "callback.accepted",
                                                               "tenant": job.tenant})
     return _ack("accepted")

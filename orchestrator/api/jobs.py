@@ -9,7 +9,16 @@ from fastapi import APIRouter, Header, Query, Response
 
 from orchestrator.api.deps import RuntimeDep, TenantDep, owned_job
 from orchestrator.api.problems import Problem
-from orchestrator.models import TERMINAL, JobEvent, JobPage, JobRequest, JobStatus, JobView
+from orchestrator.models import (
+    TERMINAL,
+    JobEvent,
+    JobPage,
+    JobQuery,
+    JobQueryResult,
+    JobRequest,
+    JobStatus,
+    JobView,
+)
 from orchestrator.runtime import Runtime
 from orchestrator.store import Conflict, IdempotencyConflict
 from providers.base import InvalidInput
@@ -19,22 +28,27 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
 
-def validate_request(rt: Runtime, request: JobRequest) -> None:
-    """Everything the provider would refuse, refused here with the field named (nothing is enqueued)."""
+def request_problem(rt: Runtime, request: JobRequest) -> tuple[str, str] | None:
+    """``(field, message)`` for the first thing the provider would refuse, or ``None``."""
     provider = rt.registry.get(request.provider)
     if provider is None:
         names = ", ".join(rt.registry.names()) or "none"
-        raise Problem(422, "Invalid request", f"provider: unknown or unconfigured provider "
-                      f"{request.provider!r} (configured: {names})",
-                      errors=[{"field": "provider", "message": "unknown or unconfigured provider"}])
+        return "provider", f"unknown or unconfigured provider {request.provider!r} (configured: {names})"
     if not provider.settings.api_keys:
-        raise Problem(422, "Invalid request", f"provider: {request.provider} has no API key configured "
-                      "on this server", errors=[{"field": "provider", "message": "no API key configured"}])
+        return "provider", f"{request.provider} has no API key configured on this server"
     try:
         provider.validate(request)
     except InvalidInput as exc:
-        raise Problem(422, "Invalid request", f"{exc.field}: {exc.message}",
-                      errors=[{"field": exc.field, "message": exc.message}]) from exc
+        return exc.field, exc.message
+    return None
+
+
+def validate_request(rt: Runtime, request: JobRequest) -> None:
+    """Everything the provider would refuse, refused here with the field named (nothing is enqueued)."""
+    problem = request_problem(rt, request)
+    if problem is not None:
+        field, message = problem
+        raise Problem(422, "Invalid request", f"{field}: {message}", errors=[{"field": field, "message": message}])
 
 
 @router.post("", status_code=202, response_model=JobView,
@@ -72,6 +86,16 @@ async def list_jobs(
         cursor=cursor, limit=limit,
     )
     return JobPage(data=[await rt.jobs.view(j) for j in page.jobs], next_cursor=page.next_cursor)
+
+
+@router.post("/query", response_model=JobQueryResult)
+async def query_jobs(query: JobQuery, rt: RuntimeDep, tenant: TenantDep) -> JobQueryResult:
+    """Up to 1,000 jobs in one call; unknown ids and other tenants' ids are reported as not found."""
+    wanted = list(dict.fromkeys(query.ids))
+    found = await rt.store.get_many([i for i in wanted if i.startswith("job_") and len(i) < 64])
+    by_id = {j.id: j for j in found if j is not None and j.tenant == tenant}
+    return JobQueryResult(data=[await rt.jobs.view(by_id[i]) for i in wanted if i in by_id],
+                          not_found=[i for i in wanted if i not in by_id])
 
 
 @router.get("/{job_id}", response_model=JobView)

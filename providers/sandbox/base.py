@@ -22,14 +22,16 @@ any provider's API and never used by Atelier's adapters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -212,6 +214,18 @@ class FileStore:
             f.expires_at = 0
 
 
+class _LimitedClient(httpx.AsyncClient):
+    """Bounds requests in flight: httpcore's pool slows down badly with thousands waiting in it."""
+
+    def __init__(self, *, limit: int = 32, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._limit = asyncio.Semaphore(limit)
+
+    async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        async with self._limit:
+            return await super().send(request, **kwargs)
+
+
 class Simulator:
     """Base class: owns config, faults, stats, files and the ``/_sim`` control routes.
 
@@ -236,6 +250,16 @@ class Simulator:
 
     def error_response(self, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    # -- callbacks -------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def callback_client(self, timeout: float = 10.0) -> AsyncIterator[httpx.AsyncClient]:
+        """A shared HTTP client for sending callbacks (one per timeout; creating clients is costly)."""
+        clients: dict[float, httpx.AsyncClient] = self.__dict__.setdefault("_callback_clients", {})
+        client = clients.get(timeout)
+        if client is None or client.is_closed:
+            client = clients[timeout] = _LimitedClient(timeout=timeout)
+        yield client
 
     # -- helpers for handlers ---------------------------------------------
     def origin(self, request: Request) -> str:

@@ -269,7 +269,7 @@ class ReplicateSimulator(Simulator):
 
     async def _send_webhooks(self, task: SimTask, url: str, events: list[str], origin: str) -> None:
         sent_start = False
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with self.callback_client(10) as client:
             while True:
                 phase = task.phase()
                 if not sent_start and phase != "queued" and "start" in events:
@@ -279,7 +279,9 @@ class ReplicateSimulator(Simulator):
                     if "completed" in events:
                         await self._post_webhook(client, url, task, origin)
                     return
-                await asyncio.sleep(0.05)
+                # Sleep until the next phase boundary (a cancel is noticed within a second).
+                boundary = task.started_at if phase == "queued" else task.finished_at
+                await asyncio.sleep(min(1.0, max(0.01, boundary - time.time())))
 
     async def _post_webhook(self, client: httpx.AsyncClient, url: str, task: SimTask, origin: str) -> None:
         body = json.dumps(self.prediction(task, origin)).encode()
