@@ -64,6 +64,8 @@ class Jobs:
     storage: Storage
     # Called after a batch job finished: (job, whether it finished its batch). Set by the runtime.
     on_batch_job_finished: Callable[[Job, bool], Awaitable[None]] | None = None
+    # Called after any job finished (frees its provider slot). Set by the runtime.
+    on_job_finished: Callable[[Job], Awaitable[None]] | None = None
 
     # -- views -----------------------------------------------------------------
     async def view(self, job: Job, url_ttl: int | None = None) -> JobView:
@@ -139,6 +141,8 @@ class Jobs:
                                                    "provider": job.provider, "event": event.type})
         for delivery in deliveries:
             await self.queue.deliver(delivery.id, 0)
+        if status in TERMINAL and not job.status.terminal and self.on_job_finished:
+            await self.on_job_finished(saved)
         if saved.batch_id and status in TERMINAL and not job.status.terminal and self.on_batch_job_finished:
             await self.on_batch_job_finished(saved, finished_batch)
         return saved
@@ -153,12 +157,12 @@ class Jobs:
         return saved
 
     async def fail(self, job: Job, code: str, message: str, detail: Any = None,
-                   status: JobStatus = S.failed) -> Job:
+                   status: JobStatus = S.failed, **changes: Any) -> Job:
         log.warning("job failed: %s: %s", code, message,
                     extra={"job_id": job.id, "tenant": job.tenant, "provider": job.provider,
                            "event": f"job.{status.value}.error"})
         return await self.transition(job, status, error=JobError(code=code, message=message,
-                                                                    provider_detail=detail))
+                                                                    provider_detail=detail), **changes)
 
     async def cancel(self, job: Job) -> Job:
         """Cancel now; a task already at the provider is told to stop by a worker."""

@@ -10,11 +10,13 @@ from arq.connections import ArqRedis
 from orchestrator import logs, metrics
 from orchestrator.batches import Batches
 from orchestrator.jobs import Jobs
+from orchestrator.models import Job, JobStatus
 from orchestrator.queue import Queue, connect
 from orchestrator.settings import Settings
 from orchestrator.storage import Storage, open_storage
 from orchestrator.store import JobStore
 from orchestrator.tenants import shared_secret
+from orchestrator.throttle import Limits, Throttle
 from providers.registry import Registry
 
 
@@ -29,6 +31,7 @@ class Runtime:
     jobs: Jobs
     batches: Batches
     http: httpx.AsyncClient  # to providers
+    throttle: Throttle
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
@@ -52,8 +55,21 @@ class Runtime:
         jobs = Jobs(settings, store, queue, storage)
         batches = Batches(jobs, settings.batch_progress_interval_seconds)
         jobs.on_batch_job_finished = batches.on_job_finished
-        return cls(settings=settings, redis=redis, store=store, queue=queue, storage=storage,
-                   registry=registry, jobs=jobs, batches=batches, http=http)
+        throttle = Throttle(redis, {name: Limits(p.settings.concurrency, p.settings.rpm)
+                                    for name, p in registry.providers.items()})
+        rt = cls(settings=settings, redis=redis, store=store, queue=queue, storage=storage,
+                 registry=registry, jobs=jobs, batches=batches, http=http, throttle=throttle)
+        jobs.on_job_finished = rt.free_slot
+        return rt
+
+    async def free_slot(self, job: Job) -> None:
+        """A job finished: free its provider slot and wake the jobs next in line for it."""
+        if not job.key_id:
+            return
+        for waiting_id in await self.throttle.release(job.provider, job.key_id, job.id):
+            waiting = await self.store.get(waiting_id)
+            if waiting is not None and waiting.status == JobStatus.queued:
+                await self.queue.submit(waiting.id, waiting.attempts, tag=f":woken{waiting.version}")
 
     async def close(self) -> None:
         await self.http.aclose()

@@ -117,6 +117,22 @@ class Settings(BaseSettings):
     fal_base_url: str | None = None
     fal_jwks_url: str = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 
+    # Per provider and per API key: tasks in flight, and requests per minute (submits and polls).
+    sora_concurrency: int | None = None
+    sora_rpm: float | None = None
+    veo_concurrency: int | None = None
+    veo_rpm: float | None = None
+    kling_concurrency: int | None = None
+    kling_rpm: float | None = None
+    runway_concurrency: int | None = None
+    runway_rpm: float | None = None
+    suno_concurrency: int | None = None
+    suno_rpm: float | None = None
+    replicate_concurrency: int | None = None
+    replicate_rpm: float | None = None
+    fal_concurrency: int | None = None
+    fal_rpm: float | None = None
+
     providers_file: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)
 
     @field_validator("storage_url")
@@ -179,7 +195,9 @@ class Settings(BaseSettings):
         if name == "suno":
             extra.setdefault("flavor", self.suno_flavor)
         if name == "fal":
-            extra.setdefault("jwks_url", self.fal_jwks_url if not sandboxed else f"{base_url}/.well-known/jwks.json")
+            explicit = "fal_jwks_url" in self.model_fields_set
+            extra.setdefault("jwks_url", self.fal_jwks_url if explicit or not sandboxed
+                             else f"{base_url}/.well-known/jwks.json")
             if not keys and sandboxed:
                 keys = [f"{SANDBOX_KEY}-id:{SANDBOX_KEY}-secret"]  # fal keys are '<key_id>:<key_secret>'
         if name == "replicate" and self.replicate_webhook_secret:
@@ -199,6 +217,8 @@ class Settings(BaseSettings):
             poll_initial_seconds=file_cfg.pop("poll_initial_seconds", None),
             poll_max_seconds=float(file_cfg.pop("poll_max_seconds", self.poll_max_seconds)),
             job_timeout_seconds=float(file_cfg.pop("job_timeout_seconds", self.job_timeout_seconds)),
+            concurrency=getattr(self, f"{name}_concurrency") or file_cfg.pop("concurrency", None),
+            rpm=getattr(self, f"{name}_rpm") or file_cfg.pop("rpm", None),
             extra=extra | file_cfg,
         )
 

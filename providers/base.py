@@ -105,6 +105,8 @@ class ProviderSettings:
     poll_initial_seconds: float | None = None
     poll_max_seconds: float = 30.0
     job_timeout_seconds: float = 3600.0
+    concurrency: int | None = None  # tasks in flight per API key
+    rpm: float | None = None  # requests per minute per API key
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -14,6 +14,7 @@ arq is at-least-once, and a callback, a sweeper and a poll may race.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -116,6 +117,8 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
     except LookupError as exc:
         await rt.jobs.fail(job, "provider_not_configured", str(exc))
         return
+    if not await _within_limits(rt, job, keypool.key_id(call.api_key)):
+        return
     attempt_started = time.time()
     try:
         job = await rt.jobs.transition(
@@ -183,9 +186,41 @@ async def _submitted(rt: Runtime, provider: Provider, job: Job, task_id: str, re
         await rt.queue.cancel_at_provider(current.id)
 
 
+async def _within_limits(rt: Runtime, job: Job, key_id: str) -> bool:
+    """Take a slot on the key and spend one request of its budget; else wait in ``queued``.
+
+    Over the cap, the job joins the key's line and is woken when a task finishes
+    (the sweeper also retries it). Over the request budget, it retries when the
+    budget allows.
+    """
+    grace = rt.settings.sweep_grace_seconds
+    if not await rt.throttle.acquire(job, key_id):
+        cap = rt.throttle.cap(job.provider)
+        note = (f"throttled: {await rt.throttle.inflight(job.provider, key_id)} tasks in flight on this "
+                f"{job.provider} key (cap {cap}); waiting for a free slot")
+        with contextlib.suppress(Conflict):
+            await rt.jobs.change(job, phase="throttled", key_id=key_id, note=note, active_at=time.time() + grace)
+        return False
+    wait = await rt.throttle.wait_ms(job.provider, key_id) / 1000
+    if wait > 0:
+        note = f"throttled: {job.provider} request budget for this key; submitting in {wait:.1f}s"
+        try:
+            job = await rt.jobs.change(job, phase="throttled", key_id=key_id, note=note,
+                                       active_at=time.time() + wait + grace)
+        except Conflict:
+            return False
+        await rt.queue.submit(job.id, job.attempts, wait, tag=f":budget{job.version}")
+        return False
+    return True
+
+
 async def _requeue(rt: Runtime, job: Job, exc: ProviderError, retry_after: float | None) -> None:
-    """Nothing was created: back to queued, retried after a pause (throttled, not failed)."""
-    if job.attempts >= rt.settings.submit_max_attempts:
+    """Nothing was created: back to queued, retried after a pause (throttled, not failed).
+
+    A provider's rate or concurrency limit is waiting, not failing: only the job's
+    deadline bounds it. Other errors (unavailable) give up after a number of attempts.
+    """
+    if not isinstance(exc, RateLimited) and job.attempts >= rt.settings.submit_max_attempts:
         await fail_current(rt, job, exc.code, f"{exc.message} (gave up after {job.attempts} attempts)",
                             exc.detail)
         return
@@ -249,6 +284,10 @@ async def poll_job(ctx: dict[str, Any], job_id: str, seq: int) -> None:
         await _time_out(rt, job)
         return
     hint: float | None = None
+    budget_wait = await rt.throttle.wait_ms(job.provider, job.key_id) / 1000 if job.key_id else 0.0
+    if budget_wait > 0:
+        await _next_poll(rt, provider, job, budget_wait)
+        return
     try:
         status = await provider.fetch(call_context(rt, provider, job), job)
     except RateLimited as exc:
@@ -282,6 +321,11 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
         common["progress"] = status.progress
     if status.request_id:
         common["provider_request_id"] = status.request_id
+    position = status.data.get("queue_position")
+    if status.state == "queued" and position is not None:
+        common["note"] = f"queue position {position} at {job.provider}"
+    elif job.note and job.note.startswith(("queue position", "throttled")):
+        common["note"] = None
     try:
         if status.state in ("queued", "unknown"):
             if status.state == "unknown":
@@ -306,11 +350,11 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
         elif status.state == "failed":
             await rt.jobs.fail(job, status.error_code or "provider_failed",
                                status.error_message or "the provider reported the task failed",
-                               status.error_detail)
+                               status.error_detail, **common)
         elif status.state == "canceled":
             await rt.jobs.fail(job, status.error_code or "provider_canceled",
                                status.error_message or "the provider canceled the task",
-                               status.error_detail, status=S.canceled)
+                               status.error_detail, status=S.canceled, **common)
     except Conflict:
         log.info("job changed while applying a status; the newer state stands",
                  extra=log_extra(job, "status.superseded"))
@@ -466,8 +510,29 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         await rt.store.save_delivery(delivery)
         redelivered += 1
     redelivered += await rt.batches.sweep(now - grace)
+    rescued += await _repair_slots(rt)
     metrics.swept(rescued, redelivered)
     if rescued or redelivered:
         log.info("sweep re-scheduled %d jobs and %d webhook deliveries", rescued, redelivered,
                  extra={"event": "sweep.rescued"})
     return {"jobs": rescued, "deliveries": redelivered}
+
+
+async def _repair_slots(rt: Runtime) -> int:
+    """Free provider slots (and places in line) still held by finished jobs, e.g. after a crash
+    between a job's last transition and the release of its slot."""
+    freed = 0
+    for pattern in ("atl:inflight:*", "atl:waiting:*"):
+        async for raw_key in rt.redis.scan_iter(match=pattern, count=100):
+            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+            _, kind, provider, key_id = key.split(":", 3)
+            members = (await rt.redis.smembers(key) if kind == "inflight"  # type: ignore[misc]
+                       else await rt.redis.zrange(key, 0, 999))
+            ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+            for job_id, job in zip(ids, await rt.store.get_many(ids), strict=True):
+                if job is None or job.status in TERMINAL:
+                    await rt.free_slot(job) if job is not None else await rt.throttle.release(
+                        provider, key_id, job_id)
+                    freed += 1
+    return freed
+

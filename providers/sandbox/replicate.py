@@ -72,6 +72,8 @@ class ReplicateSimulator(Simulator):
         self.webhook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
         self._webhook_tasks: set[asyncio.Task[None]] = set()
         self.webhooks_sent: int = 0
+        # Which API keys touched each prediction (create, get, cancel): key affinity is testable.
+        self.keys_by_task: dict[str, set[str]] = {}
 
     # -- wire format -------------------------------------------------------
     def error_response(self, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -196,6 +198,7 @@ class ReplicateSimulator(Simulator):
         task = SimTask.create(new_id(), self.config, prompt, input=inp,
                               data={"model": model, "version": version_id})
         self.tasks[task.id] = task
+        self.keys_by_task.setdefault(task.id, set()).add(bearer(request) or "")
         self.record_creation(json.dumps(inp, sort_keys=True) + model)
         webhook = body.get("webhook")
         if isinstance(webhook, str):
@@ -223,6 +226,7 @@ class ReplicateSimulator(Simulator):
         task = self.tasks.get(request.path_params["id"])
         if task is None:
             return self.error_response(404, "Not found.")
+        self.keys_by_task.setdefault(task.id, set()).add(bearer(request) or "")
         return self._ok(self.prediction(task, self.origin(request)))
 
     async def cancel_prediction(self, request: Request) -> Response:

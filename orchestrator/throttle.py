@@ -1,0 +1,125 @@
+"""Provider throttling shared through Redis by every worker: a cap on tasks in flight and a
+requests-per-minute budget, per provider and per API key.
+
+Tasks in flight are a Redis set per key (``atl:inflight:{provider}:{key_id}``).
+A job that finds the key full waits in ``queued`` (phase ``throttled``) in a
+sorted set ordered by priority, then submission time; when a task finishes,
+the next waiting jobs are woken in that order. A job may take a slot only if
+fewer jobs are ahead of it than there are free slots, so newcomers never jump
+the line. The request budget is a GCRA limiter (``atl:rate:...``): submits
+and polls of one key spend the same budget, so no 429 is self-inflicted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from orchestrator.models import Job, Priority
+
+P = "atl:"
+
+_ACQUIRE = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+local free = tonumber(ARGV[2]) - redis.call('SCARD', KEYS[1])
+if free > 0 then
+  local ahead = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. ARGV[3])
+  if ahead < free then
+    redis.call('SADD', KEYS[1], ARGV[1])
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    return 1
+  end
+end
+redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[1])
+return 0
+"""
+
+_RELEASE = """
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local free = tonumber(ARGV[2]) - redis.call('SCARD', KEYS[1])
+if free <= 0 then return {} end
+return redis.call('ZRANGE', KEYS[2], 0, free - 1)
+"""
+
+# GCRA: returns 0 when a request may go now, else the milliseconds to wait.
+_RATE = """
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
+if tat < now then tat = now end
+local allow_at = tat - burst
+if now < allow_at then return allow_at - now end
+redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil(burst + 2 * interval))
+return 0
+"""
+
+_PRIORITY_RANK = {Priority.high: 0, Priority.normal: 1, Priority.low: 2}
+
+
+def queue_score(job: Job) -> float:
+    """Priority first, then submission order (milliseconds since the epoch fit well in a double)."""
+    return _PRIORITY_RANK[job.priority] * 1e13 + job.created_at.timestamp() * 1000
+
+
+@dataclass
+class Limits:
+    concurrency: int | None = None  # tasks in flight per key
+    rpm: float | None = None  # requests per minute per key
+    burst: int = 5
+
+
+class Throttle:
+    def __init__(self, redis: Redis, limits: dict[str, Limits]) -> None:
+        self.redis = redis
+        self.limits = limits
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._release = redis.register_script(_RELEASE)
+        self._rate = redis.register_script(_RATE)
+
+    @staticmethod
+    def inflight_key(provider: str, key_id: str) -> str:
+        return f"{P}inflight:{provider}:{key_id}"
+
+    @staticmethod
+    def waiting_key(provider: str, key_id: str) -> str:
+        return f"{P}waiting:{provider}:{key_id}"
+
+    def cap(self, provider: str) -> int | None:
+        limits = self.limits.get(provider)
+        return limits.concurrency if limits else None
+
+    async def acquire(self, job: Job, key_id: str) -> bool:
+        """Take a slot for ``job`` on ``key_id``, or join the line (``False``)."""
+        cap = self.cap(job.provider)
+        if not cap:
+            return True
+        got = await self._acquire(keys=[self.inflight_key(job.provider, key_id),
+                                        self.waiting_key(job.provider, key_id)],
+                                  args=[job.id, cap, queue_score(job)])
+        return bool(got)
+
+    async def release(self, provider: str, key_id: str, job_id: str) -> list[str]:
+        """Free ``job_id``'s slot; returns the waiting jobs that may now take one."""
+        cap = self.cap(provider)
+        if not cap:
+            return []
+        heads = await self._release(keys=[self.inflight_key(provider, key_id), self.waiting_key(provider, key_id)],
+                                    args=[job_id, cap])
+        return [h.decode() if isinstance(h, bytes) else str(h) for h in heads]
+
+    async def wait_ms(self, provider: str, key_id: str) -> int:
+        """Spend one request of the key's budget: 0 if it may go now, else how long to wait."""
+        limits = self.limits.get(provider)
+        if not limits or not limits.rpm:
+            return 0
+        interval = 60_000 / limits.rpm
+        wait = await self._rate(keys=[f"{P}rate:{provider}:{key_id}"],
+                                args=[int(time.time() * 1000), interval, interval * max(0, limits.burst - 1)])
+        return int(wait)
+
+    async def inflight(self, provider: str, key_id: str) -> int:
+        return int(await self.redis.scard(self.inflight_key(provider, key_id)))  # type: ignore[misc]
