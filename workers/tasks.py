@@ -5,7 +5,7 @@ submit_job       queued -> submitting -> submitted; the intent is recorded first
 poll_job         one status fetch; applies it and schedules the next poll (deferred).
 collect_outputs  (workers/collect.py) streams every output into storage, then succeeded.
 cancel_at_provider  tells the provider to stop a canceled job's task, where it can.
-deliver_webhook  one signed delivery attempt; schedules the next on failure.
+deliver_webhook  (workers/delivery.py) one signed delivery attempt; schedules the next on failure.
 sweep            re-schedules jobs and deliveries whose pending work was lost.
 
 All of them re-read the job and act only if it is still in the state they expect:
@@ -18,20 +18,14 @@ import contextlib
 import logging
 import random
 import time
-from datetime import timedelta
 from typing import Any
-
-import httpx
 
 from orchestrator import keypool, metrics
 from orchestrator.jobs import deadline_passed
-from orchestrator.logs import redact_url
 from orchestrator.models import TERMINAL, Job, JobStatus, utcnow
 from orchestrator.runtime import Runtime
 from orchestrator.schedule import poll_delay
 from orchestrator.store import Conflict
-from orchestrator.tenants import webhook_secret
-from orchestrator.webhooks import Attempt, Delivery, sign
 from providers.base import (
     CallContext,
     MalformedResponse,
@@ -43,7 +37,6 @@ from providers.base import (
     TaskNotFound,
     TaskStatus,
     Unavailable,
-    retry_after_seconds,
 )
 
 log = logging.getLogger("atelier.worker")
@@ -242,7 +235,10 @@ async def _resolve_unknown(rt: Runtime, provider: Provider, job: Job, exc: Provi
     except (ProviderError, LookupError) as rec_exc:
         log.warning("reconcile failed: %s", rec_exc, extra=log_extra(job, "submit.reconcile_failed"))
         found = None
-    if found is not None and not await rt.store.job_for_task(job.provider, found.task_id):
+    # The task may already be bound to this very job (a worker killed between claiming the task and
+    # recording `submitted`): that is the task to follow, not another job's (fault suite finding).
+    owner = await rt.store.job_for_task(job.provider, found.task_id) if found is not None else None
+    if found is not None and owner in (None, job.id):
         log.info("reconciled an ambiguous submission to task %s", found.task_id,
                  extra=log_extra(job, "submit.reconciled"))
         await _submitted(rt, provider, job, found.task_id, found.request_id, found.status, found.data)
@@ -345,7 +341,9 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
             job = await rt.jobs.change(
                 job, phase="collecting", provider_outputs=status.outputs,
                 provider_data={**job.provider_data, "collects": n},
-                active_at=time.time() + 600 + rt.settings.sweep_grace_seconds, **common)
+                # collect_outputs keeps this deadline fresh while it runs (workers/collect.py), so a
+                # collection lost with its worker is re-scheduled after the grace, not minutes later.
+                active_at=time.time() + rt.settings.sweep_grace_seconds, **common)
             await rt.queue.collect(job.id, n)
         elif status.state == "failed":
             await rt.jobs.fail(job, status.error_code or "provider_failed",
@@ -407,67 +405,6 @@ async def cancel_at_provider(ctx: dict[str, Any], job_id: str) -> None:
             job = fresh
 
 
-# -- webhooks ----------------------------------------------------------------------------
-
-async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
-    rt = runtime_of(ctx)
-    delivery = await rt.store.get_delivery(delivery_id)
-    if delivery is None or delivery.status != "pending":
-        return
-    secret = await webhook_secret(rt.redis, delivery.tenant)
-    body = delivery.payload.encode()
-    timestamp = int(time.time())
-    headers = {
-        "content-type": "application/json",
-        "user-agent": "Atelier-Webhooks/1",
-        "webhook-id": delivery.id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(secret, delivery.id, timestamp, body),
-    }
-    client: httpx.AsyncClient = ctx["webhook_http"]
-    started = time.perf_counter()
-    status_code: int | None = None
-    error: str | None = None
-    excerpt: str | None = None
-    retry_after: float | None = None
-    try:
-        response = await client.post(delivery.url, content=body, headers=headers)
-        status_code = response.status_code
-        excerpt = response.text[:200]
-        retry_after = retry_after_seconds(response.headers)
-    except httpx.HTTPError as exc:
-        error = f"{exc.__class__.__name__}: {exc}"[:200]
-    latency = (time.perf_counter() - started) * 1000
-    delivery.attempts.append(Attempt(at=utcnow(), status_code=status_code, latency_ms=round(latency, 1),
-                                     error=error, response_excerpt=excerpt))
-    schedule = rt.settings.retry_schedule
-    n = len(delivery.attempts)
-    if status_code is not None and 200 <= status_code < 300:
-        delivery.status = "delivered"
-    elif n >= len(schedule):
-        delivery.status = "dead"
-        log.warning("webhook %s to %s dead after %d attempts", delivery.id, redact_url(delivery.url), n,
-                    extra=await _delivery_log_extra(rt, delivery, "webhook.dead"))
-    else:
-        base = schedule[n]
-        delay = base * random.uniform(0.8, 1.2)
-        if retry_after is not None and base > 0:
-            delay = min(max(retry_after, base), 2 * base)
-        delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
-        log.info("webhook %s to %s failed (%s); retrying in %.1fs", delivery.id, redact_url(delivery.url),
-                 status_code or error, delay, extra=await _delivery_log_extra(rt, delivery, "webhook.retry"))
-    metrics.webhook_attempt("retry" if delivery.status == "pending" else delivery.status, latency / 1000)
-    await rt.store.save_delivery(delivery)
-    if delivery.status == "pending":
-        await rt.queue.deliver(delivery.id, n, (delivery.next_attempt_at - utcnow()).total_seconds())
-
-
-async def _delivery_log_extra(rt: Runtime, delivery: Delivery, event: str) -> dict[str, str | None]:
-    job = await rt.store.get(delivery.job_id) if delivery.job_id else None
-    return {"job_id": delivery.job_id, "tenant": delivery.tenant, "provider": job.provider if job else None,
-            "delivery_id": delivery.id, "event": event}
-
-
 # -- sweep -------------------------------------------------------------------------------
 
 async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
@@ -483,7 +420,10 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
             continue
         await rt.store.touch_active(job_id, now + grace)
         if job.status in (S.queued, S.submitting):
-            await rt.queue.submit(job.id, job.attempts)
+            # A fresh arq id: `submit:{job}:{attempt}` may still be reserved by a killed worker's
+            # lease (arq holds it for the function timeout + 10 s, 130 s). Duplicates are harmless:
+            # submit_job re-reads the job and moves it only by compare-and-set.
+            await rt.queue.submit(job.id, job.attempts, tag=f":swept{int(now)}")
         elif job.phase == "collecting":
             n = int(job.provider_data.get("collects", 1))
             try:
@@ -530,9 +470,11 @@ async def _repair_slots(rt: Runtime) -> int:
                        else await rt.redis.zrange(key, 0, 999))
             ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
             for job_id, job in zip(ids, await rt.store.get_many(ids), strict=True):
-                if job is None or job.status in TERMINAL:
-                    await rt.free_slot(job) if job is not None else await rt.throttle.release(
-                        provider, key_id, job_id)
+                if job is None:
+                    await rt.throttle.release(provider, key_id, job_id)
+                    freed += 1
+                elif job.status in TERMINAL:
+                    await rt.free_slot(job)
                     freed += 1
     return freed
 

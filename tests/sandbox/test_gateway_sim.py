@@ -84,7 +84,9 @@ async def test_unified_submit_poll_and_download(gw: Any) -> None:
     assert early["status"] == "unknown" and early["progress"] == 0
     not_ready = await client.get(f"/v1/videos/{task_id}/content")
     assert not_ready.status_code == 400
-    assert "current status: NOT_START" in not_ready.json()["error"]["message"]
+    # The gateway may have ticked meanwhile (a loaded machine): any not-finished status will do.
+    assert re.search(r"current status: (NOT_START|SUBMITTED|QUEUED|IN_PROGRESS)$",
+                     not_ready.json()["error"]["message"])
     seen: list[str] = []
 
     async def poll() -> dict[str, Any]:
