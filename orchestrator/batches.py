@@ -189,7 +189,7 @@ class Batches:
         interval_ms = max(1, int(self.progress_interval_seconds * 1000))
         if await self.store.redis.set(lock, "1", nx=True, px=interval_ms):
             record = await self.record(job.batch_id)
-            if record is not None and record.webhook_url:
+            if record is not None:
                 await self._deliver(record, "batch.progress", new_id("msg"))
 
     async def _finish_if_done(self, batch_id: str) -> None:
@@ -200,19 +200,34 @@ class Batches:
 
     async def _notify_completed(self, batch_id: str) -> None:
         record = await self.record(batch_id)
-        if record is not None and record.webhook_url:
+        if record is not None:
             await self._deliver(record, "batch.completed", f"msg_{batch_id}_completed")
         await self.store.redis.zrem(self.store.BATCHES_FINISHED, batch_id)
 
     async def _deliver(self, record: BatchRecord, event_type: str, delivery_id: str) -> None:
-        assert record.webhook_url is not None
+        """Record the event's deliveries (the batch's ``webhook_url`` and the tenant's endpoints) in one step.
+
+        Endpoint delivery ids derive from ``delivery_id`` (and, for ``batch.completed``, the finish
+        time), so a repeated ``batch.completed`` is recorded once per endpoint too.
+        """
+        endpoints = await self.jobs.endpoints.matching(record.tenant, event_type)
+        if not record.webhook_url and not endpoints:
+            return
         view = await self.view(record)
         payload = json.dumps({"type": event_type, "timestamp": utcnow().isoformat(),
                               "data": view.model_dump(mode="json")}, separators=(",", ":"))
-        delivery = Delivery(id=delivery_id, tenant=record.tenant, url=record.webhook_url, event_type=event_type,
-                            sequence=view.done, payload=payload)
-        if await self.store.create_delivery(delivery):
-            await self.jobs.queue.deliver(delivery.id, 0)
+        deliveries = []
+        if record.webhook_url:
+            deliveries.append(Delivery(id=delivery_id, tenant=record.tenant, batch_id=record.id,
+                                       url=record.webhook_url, event_type=event_type, sequence=view.done,
+                                       payload=payload))
+        at_ms = ms(view.finished_at.timestamp()) if view.finished_at and event_type == "batch.completed" else ms()
+        deliveries += [Delivery(id=derived_id("msg", at_ms, f"{delivery_id}:{e.id}"), tenant=record.tenant,
+                                batch_id=record.id, endpoint_id=e.id, url=e.url, event_type=event_type,
+                                sequence=view.done, payload=payload) for e in endpoints]
+        for delivery, created in zip(deliveries, await self.store.create_deliveries(deliveries), strict=True):
+            if created:
+                await self.jobs.queue.deliver(delivery.id, 0)
 
     async def sweep(self, before: float) -> int:
         """Finished batches whose completion webhook was not recorded (a crash in between)."""

@@ -80,6 +80,7 @@ async def dev_stack(
                 "sandbox_url": sandbox_url, "public_url": f"http://127.0.0.1:{port}",
                 "poll_min_seconds": 0.2, "poll_max_seconds": 2.0,
                 "webhook_retry_schedule": "0,0.5,1,2,5", "sweep_grace_seconds": 30.0,
+                "webhook_allow_private": True,  # receivers run on loopback
             }
             settings = Settings(**(defaults | overrides))
             redis = await connect(settings.redis_url, settings.queue_name)

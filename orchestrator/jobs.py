@@ -12,11 +12,12 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from orchestrator import metrics
+from orchestrator.endpoints import Endpoints
 from orchestrator.ids import new_id, token
 from orchestrator.models import (
     TERMINAL,
@@ -33,7 +34,7 @@ from orchestrator.queue import Queue
 from orchestrator.settings import Settings
 from orchestrator.storage import Storage
 from orchestrator.store import REMOVE, JobStore
-from orchestrator.webhooks import NOTIFY_STATUSES, Delivery, new_delivery
+from orchestrator.webhooks import NOTIFY_STATUSES, Delivery, job_event_payload, new_delivery
 
 log = logging.getLogger("atelier.jobs")
 
@@ -66,6 +67,11 @@ class Jobs:
     on_batch_job_finished: Callable[[Job, bool], Awaitable[None]] | None = None
     # Called after any job finished (frees its provider slot). Set by the runtime.
     on_job_finished: Callable[[Job], Awaitable[None]] | None = None
+    # The tenants' webhook endpoints (events fan out to them).
+    endpoints: Endpoints = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.endpoints = Endpoints(self.store)
 
     # -- views -----------------------------------------------------------------
     async def view(self, job: Job, url_ttl: int | None = None) -> JobView:
@@ -129,10 +135,15 @@ class Jobs:
         if status != job.status:
             event = JobEvent(sequence=0, type=f"job.{status.value}", status=status, at=now,
                              progress=new.progress, error=new.error, note=new.note)
-            if status in NOTIFY_STATUSES and new.webhook_url:
+            endpoints = await self.endpoints.matching(job.tenant, event.type) if status in NOTIFY_STATUSES else []
+            if status in NOTIFY_STATUSES and (new.webhook_url or endpoints):
                 new.version = job.version + 1
                 view = await self.view(new, self.settings.webhook_url_ttl_seconds)
-                deliveries.append(new_delivery(job.tenant, new.webhook_url, event.type, view))
+                payload = job_event_payload(event.type, view)
+                if new.webhook_url:
+                    deliveries.append(new_delivery(job.tenant, new.webhook_url, event.type, view, payload=payload))
+                deliveries += [new_delivery(job.tenant, e.url, event.type, view, payload=payload, endpoint_id=e.id)
+                               for e in endpoints]
         saved, finished_batch = await self.store.apply(job, new, event=event, active_at=active_at,
                                                        deliveries=deliveries)
         metrics.job_changed(job, saved)

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
 
     webhook_timeout_seconds: float = 10.0
     webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
+    # Send webhooks to loopback, private, link-local... addresses (off: refused at registration and delivery).
+    webhook_allow_private: bool = False
+    # A webhook endpoint whose deliveries have failed without a success for this long is disabled.
+    webhook_disable_after_seconds: float = 5 * 24 * 3600.0
 
     queue_name: str = "atelier:jobs"
     webhook_queue_name: str = "atelier:webhooks"

@@ -15,6 +15,8 @@ Keys (prefix ``atl:``):
 - ``idem:{tenant}:{key}`` ``"{job_id} {body_sha256}"`` for ``Idempotency-Key``
 - ``ptask:{provider}:{task_id}`` -> job id (callbacks, reconciliation)
 - ``wh:{id}``             a webhook delivery (JSON); ``wh:due`` sorted set of pending ones (ms)
+- ``ep:{id}:dl``          a webhook endpoint's delivery ids (scores 0; ids sort by time), and
+                          ``ep:{id}:dl:{status}`` the same per delivery status (see ``endpoints.py``)
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ return ''
 #       7 batch hash (or a dummy), 8.. webhook deliveries
 # ARGV: 1 expected version, 2 job JSON, 3 new status, 4 job id, 5 event JSON or '', 6 active ('' keep,
 #       '-' remove, else score), 7 now ms, 8 delivery key prefix, 9 old status, 10 batch id or '',
-#       11 '1' if the new status is terminal and the old one was not, 12.. delivery JSON
+#       11 '1' if the new status is terminal and the old one was not, 12.. delivery JSON, then one
+#       endpoint delivery index key (or '') per delivery, in the same order
 _UPDATE = """
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return {-1, 0} end
@@ -76,9 +79,16 @@ if ARGV[6] == '-' then
 elseif ARGV[6] ~= '' then
   redis.call('ZADD', KEYS[5], ARGV[6], ARGV[4])
 end
+local n = #KEYS - 7
 for i = 8, #KEYS do
+  local id = string.sub(KEYS[i], string.len(ARGV[8]) + 1)
   redis.call('SET', KEYS[i], ARGV[i + 4])
-  redis.call('ZADD', KEYS[6], ARGV[7], string.sub(KEYS[i], string.len(ARGV[8]) + 1))
+  redis.call('ZADD', KEYS[6], ARGV[7], id)
+  local idx = ARGV[i + 4 + n]
+  if idx and idx ~= '' then
+    redis.call('ZADD', idx, 0, id)
+    redis.call('ZADD', idx .. ':pending', 0, id)
+  end
 end
 local finished = 0
 if ARGV[10] ~= '' and ARGV[9] ~= ARGV[3] then
@@ -106,12 +116,45 @@ return {nv, finished}
 """
 
 
-_CREATE_DELIVERY = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-  return 1
+# KEYS: 1 webhook due, 2.. deliveries; ARGV per delivery: JSON, due score (ms), id, endpoint index key or ''
+_CREATE_DELIVERIES = """
+local created = {}
+for i = 2, #KEYS do
+  local a = (i - 2) * 4
+  if redis.call('SET', KEYS[i], ARGV[a + 1], 'NX') then
+    redis.call('ZADD', KEYS[1], ARGV[a + 2], ARGV[a + 3])
+    if ARGV[a + 4] ~= '' then
+      redis.call('ZADD', ARGV[a + 4], 0, ARGV[a + 3])
+      redis.call('ZADD', ARGV[a + 4] .. ':pending', 0, ARGV[a + 3])
+    end
+    created[#created + 1] = 1
+  else
+    created[#created + 1] = 0
+  end
 end
-return 0
+return created
+"""
+
+# Save a delivery that still exists (never resurrect one deleted with its endpoint), and move it
+# between the due set and its endpoint's status indexes.
+# KEYS: 1 delivery, 2 webhook due; ARGV: 1 JSON, 2 status, 3 due score (ms), 4 id, 5 endpoint index key or ''
+_SAVE_DELIVERY = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'XX') then return 0 end
+if ARGV[2] == 'pending' then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+else
+  redis.call('ZREM', KEYS[2], ARGV[4])
+end
+if ARGV[5] ~= '' and redis.call('EXISTS', ARGV[5]) == 1 then
+  for _, s in ipairs({'pending', 'delivered', 'dead'}) do
+    if s == ARGV[2] then
+      redis.call('ZADD', ARGV[5] .. ':' .. s, 0, ARGV[4])
+    else
+      redis.call('ZREM', ARGV[5] .. ':' .. s, ARGV[4])
+    end
+  end
+end
+return 1
 """
 
 
@@ -145,7 +188,8 @@ class JobStore:
         self.idempotency_ttl = idempotency_ttl_seconds
         self._create = redis.register_script(_CREATE)
         self._update = redis.register_script(_UPDATE)
-        self._create_delivery = redis.register_script(_CREATE_DELIVERY)
+        self._create_deliveries = redis.register_script(_CREATE_DELIVERIES)
+        self._save_delivery = redis.register_script(_SAVE_DELIVERY)
 
     # -- keys ----------------------------------------------------------------
     @staticmethod
@@ -172,6 +216,14 @@ class JobStore:
     @staticmethod
     def delivery_key(delivery_id: str) -> str:
         return f"{P}wh:{delivery_id}"
+
+    @staticmethod
+    def endpoint_deliveries_key(endpoint_id: str, status: str | None = None) -> str:
+        """A webhook endpoint's delivery ids (all, or those in ``status``)."""
+        return f"{P}ep:{endpoint_id}:dl" + (f":{status}" if status else "")
+
+    def _index_arg(self, delivery: Delivery) -> str:
+        return self.endpoint_deliveries_key(delivery.endpoint_id) if delivery.endpoint_id else ""
 
     # -- jobs ----------------------------------------------------------------
     async def create(self, job: Job, *, active_at: float, body_hash: str | None = None) -> tuple[Job, bool]:
@@ -261,6 +313,7 @@ class JobStore:
         for d in deliveries:
             keys.append(self.delivery_key(d.id))
             args.append(d.model_dump_json())
+        args.extend(self._index_arg(d) for d in deliveries)
         version, finished = await self._update(keys=keys, args=args)
         if version == -1:
             raise Conflict(f"job {old.id} does not exist")
@@ -333,21 +386,28 @@ class JobStore:
         raw = await self.redis.get(self.delivery_key(delivery_id))
         return Delivery.model_validate_json(raw) if raw else None
 
-    async def save_delivery(self, delivery: Delivery) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.delivery_key(delivery.id), delivery.model_dump_json())
-        if delivery.status == "pending":
-            pipe.zadd(self.DELIVERIES_DUE, {delivery.id: ms(delivery.next_attempt_at.timestamp())})
-        else:
-            pipe.zrem(self.DELIVERIES_DUE, delivery.id)
-        await pipe.execute()
+    async def save_delivery(self, delivery: Delivery) -> bool:
+        """Save an existing delivery; ``False`` if it is gone (deleted with its endpoint)."""
+        saved = await self._save_delivery(
+            keys=[self.delivery_key(delivery.id), self.DELIVERIES_DUE],
+            args=[delivery.model_dump_json(), delivery.status, ms(delivery.next_attempt_at.timestamp()),
+                  delivery.id, self._index_arg(delivery)])
+        return bool(saved)
 
     async def create_delivery(self, delivery: Delivery) -> bool:
         """Record a new delivery unless one with this id exists (deterministic ids make this once-only)."""
-        created = await self._create_delivery(
-            keys=[self.delivery_key(delivery.id), self.DELIVERIES_DUE],
-            args=[delivery.model_dump_json(), ms(delivery.next_attempt_at.timestamp()), delivery.id])
-        return bool(created)
+        return (await self.create_deliveries([delivery]))[0]
+
+    async def create_deliveries(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        """Record deliveries together (one atomic step), each unless one with its id exists."""
+        if not deliveries:
+            return []
+        args: list[str | int] = []
+        for d in deliveries:
+            args += [d.model_dump_json(), ms(d.next_attempt_at.timestamp()), d.id, self._index_arg(d)]
+        created = await self._create_deliveries(
+            keys=[self.DELIVERIES_DUE, *(self.delivery_key(d.id) for d in deliveries)], args=args)
+        return [bool(c) for c in created]
 
     async def overdue_deliveries(self, now: float, limit: int = 500) -> list[str]:
         ids = await self.redis.zrangebyscore(self.DELIVERIES_DUE, "-inf", ms(now), start=0, num=limit)

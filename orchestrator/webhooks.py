@@ -20,7 +20,8 @@ from orchestrator.ids import new_id
 from orchestrator.models import JobStatus, JobView, utcnow
 from providers.signatures import sign, verify
 
-__all__ = ["sign", "verify", "new_secret", "Delivery", "Attempt", "new_delivery", "job_event_payload"]
+__all__ = ["sign", "verify", "new_secret", "Delivery", "DeliveryStatus", "Attempt", "new_delivery",
+           "job_event_payload"]
 
 NOTIFY_STATUSES = frozenset({JobStatus.running, JobStatus.succeeded, JobStatus.failed,
                              JobStatus.canceled, JobStatus.timed_out})
@@ -38,16 +39,27 @@ class Attempt(BaseModel):
     response_excerpt: str | None = None
 
 
+DeliveryStatus = Literal["pending", "delivered", "dead"]
+
+
 class Delivery(BaseModel):
     id: str
     tenant: str
     job_id: str | None = None
+    batch_id: str | None = None
+    # Set for deliveries to a registered webhook endpoint (signed with its secret); ``None`` for a
+    # job's or batch's own ``webhook_url`` (signed with the tenant's secret).
+    endpoint_id: str | None = None
     url: str
     event_type: str
     sequence: int
     payload: str
-    status: Literal["pending", "delivered", "dead"] = "pending"
+    status: DeliveryStatus = "pending"
     attempts: list[Attempt] = Field(default_factory=list)
+    # Index in ``attempts`` where the current series began (a replay starts a new series).
+    series_start: int = 0
+    # Why a delivery ended without attempts running out (its endpoint was disabled...).
+    note: str | None = None
     next_attempt_at: datetime = Field(default_factory=utcnow)
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -62,6 +74,8 @@ def job_event_payload(event_type: str, view: JobView) -> str:
     return json.dumps(body, separators=(",", ":"))
 
 
-def new_delivery(tenant: str, url: str, event_type: str, view: JobView) -> Delivery:
-    return Delivery(id=new_id("msg"), tenant=tenant, job_id=view.id, url=url, event_type=event_type,
-                    sequence=view.sequence, payload=job_event_payload(event_type, view))
+def new_delivery(tenant: str, url: str, event_type: str, view: JobView, *, payload: str | None = None,
+                 endpoint_id: str | None = None) -> Delivery:
+    return Delivery(id=new_id("msg"), tenant=tenant, job_id=view.id, batch_id=view.batch_id,
+                    endpoint_id=endpoint_id, url=url, event_type=event_type, sequence=view.sequence,
+                    payload=payload if payload is not None else job_event_payload(event_type, view))

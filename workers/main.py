@@ -14,16 +14,16 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
 from arq import cron, func
-from arq.worker import Worker
 
 from orchestrator import metrics
+from orchestrator.destinations import webhook_client
 from orchestrator.queue import connect, dumps, loads
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
 from providers.sandbox.serve import serving
-from workers import collect, tasks
+from workers import collect, delivery, tasks
+from workers.resilient import Worker  # arq's Worker, kept alive through Redis restarts
 
 log = logging.getLogger("atelier.worker")
 
@@ -33,7 +33,7 @@ JOB_FUNCTIONS = [
     func(collect.collect_outputs, timeout=900, max_tries=3),
     func(tasks.cancel_at_provider, timeout=60, max_tries=3),
 ]
-WEBHOOK_FUNCTIONS = [func(tasks.deliver_webhook, timeout=60, max_tries=3)]
+WEBHOOK_FUNCTIONS = [func(delivery.deliver_webhook, timeout=60, max_tries=3)]
 SWEEP_SECONDS = {0, 10, 20, 30, 40, 50}
 
 
@@ -72,8 +72,7 @@ async def run(settings: Settings, *, queues: Sequence[str] = ("jobs", "webhooks"
     With ``metrics_port`` (0: any free port), serve ``/metrics`` and ``/healthz`` there.
     """
     rt = await Runtime.open(settings)
-    webhook_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.webhook_timeout_seconds),
-                                     follow_redirects=False)
+    webhook_http = webhook_client(settings.webhook_timeout_seconds, settings.webhook_allow_private)
     ctx: dict[str, Any] = {"rt": rt, "webhook_http": webhook_http}
     if stop is None:
         stop = asyncio.Event()

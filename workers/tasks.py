@@ -90,6 +90,12 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
         await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
         return
     if job.status == S.submitting:
+        retry = job.provider_data.get("reconcile_retry")
+        if isinstance(retry, dict) and retry.get("attempt") == job.attempts:
+            # This attempt's submission is over; looking its task up failed transiently (see
+            # _reconcile_later): look again now.
+            await _resolve_unknown(rt, provider, job, OutcomeUnknown(str(retry.get("reason") or "")))
+            return
         # A previous attempt recorded its intent and no outcome. If it may still be talking to the
         # provider (a duplicate delivery of this arq job), look again once it must have finished.
         started = float(job.provider_data.get("submit_started") or 0)
@@ -227,6 +233,36 @@ async def _requeue(rt: Runtime, job: Job, exc: ProviderError, retry_after: float
     await rt.queue.submit(job.id, job.attempts, delay)
 
 
+# A lookup that failed like this proves nothing either way (the provider is throttling or failing).
+TRANSIENT_LOOKUP_ERRORS = (RateLimited, Unavailable, OutcomeUnknown, MalformedResponse)
+RECONCILE_TRIES = 6
+
+
+async def _reconcile_later(rt: Runtime, job: Job, exc: ProviderError, rec_exc: ProviderError) -> bool:
+    """Looking the task up failed transiently: keep the job in ``submitting`` and look again after a
+    backoff (a few times), instead of failing a job whose task the provider may have created and bills.
+
+    Fault suite finding: during a provider storm the lookup meets the same 429s and 5xx as the
+    ambiguous submission did, and every such job failed with ``provider_outcome_unknown``.
+    ``False`` when the tries are used up (the caller then decides as if nothing was found).
+    """
+    retry = job.provider_data.get("reconcile_retry")
+    same_attempt = isinstance(retry, dict) and retry.get("attempt") == job.attempts
+    tries = int(retry.get("tries", 0)) + 1 if same_attempt and isinstance(retry, dict) else 1
+    if tries > RECONCILE_TRIES:
+        return False
+    delay = max(getattr(rec_exc, "retry_after", None) or 0.0, min(60.0, 2.0 ** tries) * random.uniform(0.8, 1.2))
+    data = {**job.provider_data, "reconcile_retry": {"attempt": job.attempts, "tries": tries, "reason": exc.message}}
+    try:
+        job = await rt.jobs.change(job, provider_data=data, note=f"looking for the submitted task again in "
+                                   f"{delay:.0f}s ({rec_exc.message})",
+                                   active_at=time.time() + delay + rt.settings.sweep_grace_seconds)
+    except Conflict:
+        return True  # the job moved on meanwhile (canceled, timed out)
+    await rt.queue.submit(job.id, job.attempts, delay, tag=f":reconcile{tries}")
+    return True
+
+
 async def _resolve_unknown(rt: Runtime, provider: Provider, job: Job, exc: ProviderError) -> None:
     """The provider may have accepted the submission: find the task, or never pay twice."""
     since = float(job.provider_data.get("submit_started") or job.created_at.timestamp())
@@ -234,6 +270,8 @@ async def _resolve_unknown(rt: Runtime, provider: Provider, job: Job, exc: Provi
         found = await provider.reconcile(call_context(rt, provider, job), job, since)
     except (ProviderError, LookupError) as rec_exc:
         log.warning("reconcile failed: %s", rec_exc, extra=log_extra(job, "submit.reconcile_failed"))
+        if isinstance(rec_exc, TRANSIENT_LOOKUP_ERRORS) and await _reconcile_later(rt, job, exc, rec_exc):
+            return
         found = None
     # The task may already be bound to this very job (a worker killed between claiming the task and
     # recording `submitted`): that is the task to follow, not another job's (fault suite finding).

@@ -7,7 +7,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from orchestrator.api import batches, callbacks, jobs, misc, observability, problems, streams
+from orchestrator.api import (
+    batches,
+    callbacks,
+    jobs,
+    misc,
+    observability,
+    problems,
+    streams,
+    webhook_endpoints,
+)
 from orchestrator.api.limits import BodySizeLimit
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
@@ -34,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(batches.router)
     app.include_router(streams.router)
+    app.include_router(webhook_endpoints.router)
     app.include_router(misc.router)
     app.include_router(callbacks.router)
     app.include_router(observability.router)

@@ -13,7 +13,9 @@ from pydantic import ValidationError
 from orchestrator.api.deps import RuntimeDep, TenantDep
 from orchestrator.api.jobs import request_problem
 from orchestrator.api.problems import Problem, field_name
+from orchestrator.api.webhook_endpoints import check_url
 from orchestrator.batches import BatchIdempotencyConflict, item_problem_ref
+from orchestrator.destinations import UrlChecker
 from orchestrator.models import (
     BatchCreated,
     BatchItem,
@@ -37,6 +39,7 @@ async def validate_items(rt: Runtime, items: list[dict[str, object]]) -> tuple[
         list[tuple[int, JobRequest, str | None]], list[ItemProblem]]:
     valid: list[tuple[int, JobRequest, str | None]] = []
     problems: list[ItemProblem] = []
+    destinations = UrlChecker(rt.settings.webhook_allow_private)
     for index, raw in enumerate(items):
         if index % 500 == 499:
             await asyncio.sleep(0)  # let other requests through while validating thousands of items
@@ -52,6 +55,10 @@ async def validate_items(rt: Runtime, items: list[dict[str, object]]) -> tuple[
         if problem is not None:
             problems.append(ItemProblem(index=index, ref=ref, field=problem[0], message=problem[1]))
             continue
+        refused = await destinations.problem(str(item.webhook_url)) if item.webhook_url else None
+        if refused is not None:
+            problems.append(ItemProblem(index=index, ref=ref, field="webhook_url", message=refused))
+            continue
         valid.append((index, JobRequest.model_validate(item.model_dump(exclude={"ref"})), item.ref))
     return valid, problems
 
@@ -66,6 +73,8 @@ async def _owned(rt: Runtime, tenant: str, batch_id: str) -> BatchRecord:
 @router.post("", status_code=202, response_model=BatchCreated)
 async def create_batch(request: BatchRequest, raw: Request, rt: RuntimeDep, tenant: TenantDep, response: Response,
                        idempotency_key: IdempotencyKey = None) -> BatchCreated:
+    if request.webhook_url is not None:
+        await check_url(rt, str(request.webhook_url), "webhook_url")
     valid, problems = await validate_items(rt, request.jobs)
     if request.atomic and problems:
         raise Problem(422, "Invalid batch", f"{len(problems)} of {len(request.jobs)} items are invalid and the "

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Query, Response
 
 from orchestrator.api.deps import RuntimeDep, TenantDep, owned_job
 from orchestrator.api.problems import Problem
+from orchestrator.api.webhook_endpoints import check_url
 from orchestrator.models import (
     TERMINAL,
     JobEvent,
@@ -56,6 +57,8 @@ def validate_request(rt: Runtime, request: JobRequest) -> None:
 async def submit_job(request: JobRequest, rt: RuntimeDep, tenant: TenantDep, response: Response,
                      idempotency_key: IdempotencyKey = None) -> JobView:
     validate_request(rt, request)
+    if request.webhook_url is not None:
+        await check_url(rt, str(request.webhook_url), "webhook_url")
     provider = rt.registry.get(request.provider)
     assert provider is not None
     try:

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("atelier.api")
@@ -60,6 +61,13 @@ def install(app: FastAPI) -> None:
                  413: "Request body too large"}.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) else None
         return problem_response(exc.status_code, title, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RedisError)
+    async def _store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
+        # Redis restarting or failing over: a retryable 503, not a crash (fault suite, tests/faults).
+        log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return problem_response(503, "Service unavailable", "the job store is briefly unreachable; retry",
+                                headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

@@ -1,0 +1,169 @@
+"""deliver_webhook: one signed delivery attempt; the next is scheduled on failure, the last dead-letters.
+
+- Standard Webhooks headers; ``webhook-id`` is the delivery id on every attempt and replay.
+  A job's or batch's own ``webhook_url`` is signed with the tenant's secret; a registered
+  endpoint's deliveries with the endpoint's secret, plus each previous secret still in its
+  grace period (``webhook-signature: v1,<new> v1,<old>``).
+- Any 2xx ends the series. Anything else (other status, refused connection, refused
+  destination, timeout: the whole attempt is bounded by ``ATELIER_WEBHOOK_TIMEOUT_SECONDS``)
+  is a failure: the next attempt follows ``ATELIER_WEBHOOK_RETRY_SCHEDULE`` with ±20 % jitter,
+  later if the receiver's ``Retry-After`` asks for it (up to the schedule's longest step).
+  After the last step the delivery is ``dead`` (replayable through the API).
+- Every attempt is recorded: time, status code, latency, error, the start of the response.
+- An endpoint that has failed without a success for ``ATELIER_WEBHOOK_DISABLE_AFTER_SECONDS``
+  is disabled with the reason; deliveries still pending for a disabled endpoint end ``dead``
+  without being sent (``POST .../recover`` resends them once it is enabled again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import httpx
+
+from orchestrator import metrics
+from orchestrator.destinations import DestinationRefused
+from orchestrator.logs import redact_url
+from orchestrator.models import utcnow
+from orchestrator.runtime import Runtime
+from orchestrator.tenants import webhook_secret
+from orchestrator.webhooks import Attempt, Delivery, sign
+from providers.base import retry_after_seconds
+
+log = logging.getLogger("atelier.worker")
+
+EXCERPT_CHARS = 200
+
+
+@dataclass
+class Outcome:
+    status_code: int | None = None
+    error: str | None = None
+    excerpt: str | None = None
+    retry_after: float | None = None
+    latency_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    def describe(self) -> str:
+        return self.error or f"HTTP {self.status_code}"
+
+
+def retry_delay(schedule: list[float], n: int, retry_after: float | None) -> float:
+    """Seconds before attempt ``n + 1`` of a series: the schedule's step with jitter, or the receiver's
+    ``Retry-After`` when it asks for longer (bounded by the schedule's longest step)."""
+    delay = schedule[n] * random.uniform(0.8, 1.2)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, max(schedule)))
+    return delay
+
+
+async def post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str],
+               timeout: float) -> Outcome:
+    """One POST, bounded as a whole by ``timeout``; reads at most the start of the response."""
+    out = Outcome()
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout), client.stream("POST", url, content=body, headers=headers) as response:
+            out.status_code = response.status_code
+            out.retry_after = retry_after_seconds(response.headers)
+            data = b""
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) >= EXCERPT_CHARS * 4:
+                    break
+            out.excerpt = data.decode("utf-8", errors="replace")[:EXCERPT_CHARS]
+    except TimeoutError:
+        out.error = f"timed out after {timeout:g} s"
+    except DestinationRefused as exc:
+        out.error = f"destination refused: {exc}"[:EXCERPT_CHARS]
+    except Exception as exc:  # noqa: BLE001 - any failure to deliver is a failed attempt, recorded
+        out.error = f"{exc.__class__.__name__}: {exc}"[:EXCERPT_CHARS]
+    out.latency_ms = round((time.perf_counter() - started) * 1000, 1)
+    return out
+
+
+async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
+    rt: Runtime = ctx["rt"]
+    delivery = await rt.store.get_delivery(delivery_id)
+    if delivery is None or delivery.status != "pending":
+        return
+    endpoints = rt.jobs.endpoints
+    endpoint = None
+    if delivery.endpoint_id:
+        endpoint = await endpoints.get(delivery.tenant, delivery.endpoint_id)
+        if endpoint is None:  # deleted: its deliveries go with it
+            await _drop(rt, delivery)
+            return
+        if not endpoint.enabled:
+            delivery.status = "dead"
+            delivery.note = f"not sent: the endpoint is disabled ({endpoint.disabled_reason or 'by the API'})"
+            await rt.store.save_delivery(delivery)
+            return
+        delivery.url = endpoint.url
+        secrets = endpoint.signing_secrets()
+    else:
+        secrets = [await webhook_secret(rt.redis, delivery.tenant)]
+    body = delivery.payload.encode()
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "Atelier-Webhooks/1",
+        "webhook-id": delivery.id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": " ".join(sign(s, delivery.id, timestamp, body) for s in secrets),
+    }
+    out = await post(ctx["webhook_http"], delivery.url, body, headers, rt.settings.webhook_timeout_seconds)
+    delivery.attempts.append(Attempt(at=utcnow(), status_code=out.status_code, latency_ms=out.latency_ms,
+                                     error=out.error, response_excerpt=out.excerpt))
+    schedule = rt.settings.retry_schedule
+    n = len(delivery.attempts) - delivery.series_start
+    delay = 0.0
+    if out.ok:
+        delivery.status = "delivered"
+        if endpoint is not None:
+            await endpoints.record_success(endpoint.id)
+    elif endpoint is not None and await endpoints.record_failure(
+            endpoint, rt.settings.webhook_disable_after_seconds, out.describe()):
+        delivery.status = "dead"
+        delivery.note = "the endpoint was disabled after failing continuously"
+        log.warning("webhook endpoint %s disabled: every delivery failed for %.0f s", endpoint.id,
+                    rt.settings.webhook_disable_after_seconds,
+                    extra=await _log_extra(rt, delivery, "webhook.endpoint_disabled"))
+    elif n >= len(schedule):
+        delivery.status = "dead"
+        log.warning("webhook %s to %s dead after %d attempts", delivery.id, redact_url(delivery.url), n,
+                    extra=await _log_extra(rt, delivery, "webhook.dead"))
+    else:
+        delay = retry_delay(schedule, n, out.retry_after)
+        delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+        log.info("webhook %s to %s failed (%s); retrying in %.1fs", delivery.id, redact_url(delivery.url),
+                 out.describe(), delay, extra=await _log_extra(rt, delivery, "webhook.retry"))
+    metrics.webhook_attempt("retry" if delivery.status == "pending" else delivery.status, out.latency_ms / 1000)
+    if await rt.store.save_delivery(delivery) and delivery.status == "pending":
+        await rt.queue.deliver(delivery.id, len(delivery.attempts), delay)
+
+
+async def _drop(rt: Runtime, delivery: Delivery) -> None:
+    """Forget a delivery whose endpoint was deleted (it may have been recorded just after the deletion)."""
+    assert delivery.endpoint_id is not None
+    pipe = rt.redis.pipeline(transaction=True)
+    pipe.delete(rt.store.delivery_key(delivery.id))
+    pipe.zrem(rt.store.DELIVERIES_DUE, delivery.id)
+    for status in (None, "pending", "delivered", "dead"):
+        pipe.zrem(rt.store.endpoint_deliveries_key(delivery.endpoint_id, status), delivery.id)
+    await pipe.execute()
+
+
+async def _log_extra(rt: Runtime, delivery: Delivery, event: str) -> dict[str, str | None]:
+    job = await rt.store.get(delivery.job_id) if delivery.job_id else None
+    return {"job_id": delivery.job_id, "tenant": delivery.tenant, "provider": job.provider if job else None,
+            "delivery_id": delivery.id, "event": event, "batch_id": delivery.batch_id}
