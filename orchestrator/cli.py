@@ -1,7 +1,9 @@
 """The ``atelier`` command line.
 
 Server side:   serve, worker, dev, demo, sandbox, keys create, healthcheck
-Client side:   submit, get   (talk to --url / ATELIER_URL with --api-key / ATELIER_API_KEY)
+Client side:   submit, get, jobs list|get|cancel|wait, batch submit|status
+               (talk to --url / ATELIER_URL with --api-key / ATELIER_API_KEY through orchestrator.client;
+               see cli_client.py and cli_batch.py)
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import httpx
 
 from orchestrator import logs
+from orchestrator.cli_batch import add_batch_commands
+from orchestrator.cli_client import CliError, add_jobs_commands, client_args, cmd_get, cmd_submit
 from orchestrator.settings import Settings
 
 
@@ -34,11 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except CliError as exc:
         print(f"atelier: {exc}", file=sys.stderr)
-        return 1
-
-
-class CliError(Exception):
-    pass
+        return exc.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8790)
     p.set_defaults(run=cmd_sandbox)
 
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", metavar="ACTION")
+    keys_parser = sub.add_parser("keys", help="manage API keys")
+    keys_parser.set_defaults(run=lambda _args: (keys_parser.print_help(), 2)[1])
+    keys = keys_parser.add_subparsers(dest="keys_command", metavar="ACTION")
     p = keys.add_parser("create", help="create an API key for a tenant (printed once)")
     p.add_argument("--tenant", required=True)
     p.set_defaults(run=cmd_keys_create)
@@ -103,12 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.add_argument("job_id")
     p.set_defaults(run=cmd_get)
+
+    add_jobs_commands(sub)
+    add_batch_commands(sub)
     return parser
 
 
-def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("ATELIER_URL", "http://127.0.0.1:8000"))
-    p.add_argument("--api-key", default=os.environ.get("ATELIER_API_KEY"))
+_client_args = client_args
 
 
 # -- server commands --------------------------------------------------------------------
@@ -242,70 +244,6 @@ async def _forever() -> None:
 def _run_until_interrupted(coro: Any) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coro)
-
-
-# -- client commands --------------------------------------------------------------------
-
-def _client(args: argparse.Namespace) -> httpx.Client:
-    if not args.api_key:
-        raise CliError("no API key: pass --api-key or set ATELIER_API_KEY")
-    return httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {args.api_key}"}, timeout=30)
-
-
-def _call(client: httpx.Client, method: str, path: str, **kw: Any) -> dict[str, Any]:
-    try:
-        resp = client.request(method, path, **kw)
-    except httpx.ConnectError as exc:
-        raise CliError(f"cannot connect to {client.base_url} (is the server running?)") from exc
-    if resp.status_code == 401:
-        raise CliError("the server refused the API key (401)")
-    if resp.status_code >= 400:
-        try:
-            problem = resp.json()
-            message = problem.get("detail") or problem.get("title")
-        except ValueError:
-            message = resp.text[:200]
-        raise CliError(f"{resp.status_code}: {message}")
-    body: dict[str, Any] = resp.json()
-    return body
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    try:
-        job_input = json.loads(args.input) if args.input else {}
-    except json.JSONDecodeError as exc:
-        raise CliError(f"--input is not valid JSON: {exc}") from exc
-    if not isinstance(job_input, dict):
-        raise CliError("--input must be a JSON object")
-    if args.prompt:
-        job_input["prompt"] = args.prompt
-    body: dict[str, Any] = {"provider": args.provider, "kind": args.kind, "model": args.model, "input": job_input}
-    if args.webhook_url:
-        body["webhook_url"] = args.webhook_url
-    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
-    with _client(args) as client:
-        job = _call(client, "POST", "/v1/jobs", json=body, headers=headers)
-        if args.wait:
-            job = _wait(client, job["id"])
-    print(json.dumps(job, indent=2))
-    return 0 if not args.wait or job["status"] == "succeeded" else 1
-
-
-def _wait(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    import time
-
-    while True:
-        job = _call(client, "GET", f"/v1/jobs/{job_id}")
-        if job["status"] in ("succeeded", "failed", "canceled", "timed_out"):
-            return job
-        print(f"{job_id}: {job['status']} {job.get('progress') or ''}", file=sys.stderr)
-        time.sleep(1.0)
-
-
-def cmd_get(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        print(json.dumps(_call(client, "GET", f"/v1/jobs/{args.job_id}"), indent=2))
-    return 0
 
 
 if __name__ == "__main__":
