@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_sandbox)
 
     keys_parser = sub.add_parser("keys", help="manage API keys")
-    keys_parser.set_defaults(run=lambda _args: (keys_parser.print_help(), 2)[1])
+    keys_parser.set_defaults(run=lambda _args: _usage(keys_parser))
     keys = keys_parser.add_subparsers(dest="keys_command", metavar="ACTION")
     p = keys.add_parser("create", help="create an API key for a tenant (printed once)")
     p.add_argument("--tenant", required=True)
