@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
 
 
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atelier", description="Asynchronous media job orchestrator")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
