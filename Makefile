@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 4
 
 test-faults: $(STAMP)
-	$(BIN)/python -m pytest -q -m faults
+	$(BIN)/python -m pytest -q -s -m faults  # -s: each scenario prints its figures (also in .atelier/fault-figures.json)
 
 lint: $(STAMP)
 	$(BIN)/ruff check orchestrator workers providers tests $(wildcard bench)

@@ -8,6 +8,7 @@ with a size cap while their sha256 is computed.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import time
@@ -74,15 +75,17 @@ async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
     outputs: list[Output] = []
     try:
         call = call_context(rt, provider, job)
-        for index, ref in enumerate(job.provider_outputs):
-            outputs.append(await _store_output(rt, provider, call, job, index, ref))
+        async with _keep_active(rt, job.id):
+            for index, ref in enumerate(job.provider_outputs):
+                outputs.append(await _store_output(rt, provider, call, job, index, ref))
     except OutputUnavailable as exc:
         n = int(job.provider_data.get("collects", 1))
         if exc.transient and n < MAX_COLLECT_ATTEMPTS:
             delay = 2.0 ** n
             try:
                 job = await rt.jobs.change(job, provider_data={**job.provider_data, "collects": n + 1},
-                                           note=str(exc), active_at=time.time() + delay + 600)
+                                           note=str(exc),
+                                           active_at=time.time() + delay + rt.settings.sweep_grace_seconds)
             except Conflict:
                 return
             await rt.queue.collect(job.id, n + 1, delay)
@@ -100,6 +103,32 @@ async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
     except Conflict:
         log.info("job changed during collection (canceled?); outputs kept in storage",
                  extra=log_extra(job, "collect.superseded"))
+
+
+@contextlib.asynccontextmanager
+async def _keep_active(rt: Runtime, job_id: str) -> AsyncIterator[None]:
+    """While outputs download, keep pushing the sweeper's deadline for the job forward.
+
+    A collection can take minutes (large videos), but one whose worker was killed must be
+    re-scheduled soon: so the deadline is short (the sweep grace) and renewed while alive,
+    instead of one long allowance that also delays the rescue of a dead worker's collection.
+    """
+    grace = rt.settings.sweep_grace_seconds
+    interval = max(0.5, grace / 3)
+
+    async def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a missed beat only risks a duplicate collection
+                await rt.store.touch_active(job_id, time.time() + grace)
+            await asyncio.sleep(interval)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _store_output(rt: Runtime, provider: Provider, call: CallContext, job: Job, index: int,

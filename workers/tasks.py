@@ -14,11 +14,17 @@ arq is at-least-once, and a callback, a sweeper and a poll may race.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestrator import keypool, metrics
 from orchestrator.jobs import deadline_passed
@@ -41,6 +47,7 @@ from providers.base import (
 
 log = logging.getLogger("atelier.worker")
 S = JobStatus
+T = TypeVar("T")
 
 MAX_MALFORMED_POLLS = 3
 
@@ -153,9 +160,33 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
     await _submitted(rt, provider, job, result.task_id, result.request_id, result.status, data)
 
 
+REDIS_OUTAGE_SECONDS = 60.0
+
+
+async def through_redis_outage(call: Callable[[], Awaitable[T]], seconds: float = REDIS_OUTAGE_SECONDS) -> T:
+    """``call()``, retried while Redis is unreachable (a restart, a failover) for up to ``seconds``.
+
+    Only for writes that are safe to repeat (compare-and-set transitions, SET NX claims): a retry of
+    one that did apply before the connection dropped meets a ``Conflict`` or finds its own claim.
+    """
+    deadline = time.monotonic() + seconds
+    pause = 0.2
+    while True:
+        try:
+            return await call()
+        except (RedisConnectionError, RedisTimeoutError):
+            if time.monotonic() + pause > deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(2.0, pause * 2)
+
+
 async def _submitted(rt: Runtime, provider: Provider, job: Job, task_id: str, request_id: str | None,
                      raw_status: str | None, data: dict[str, Any]) -> None:
-    if not await rt.store.claim_task(job.provider, task_id, job.id):
+    # The provider created the task and only this process knows its id: a Redis restart now must not
+    # lose it (fault suite finding: a fal job, which cannot be reconciled, failed with
+    # provider_outcome_unknown when Redis restarted between fal's answer and this record).
+    if not await through_redis_outage(lambda: rt.store.claim_task(job.provider, task_id, job.id)):
         await fail_current(rt, job, "provider_task_conflict",
                             f"provider task {task_id} already belongs to another job")
         return
@@ -165,16 +196,17 @@ async def _submitted(rt: Runtime, provider: Provider, job: Job, task_id: str, re
         try:
             if current.status != S.submitting:
                 break
-            job = await rt.jobs.transition(
+            job = await through_redis_outage(functools.partial(
+                rt.jobs.transition,
                 current, S.submitted, provider_task_id=task_id, provider_request_id=request_id,
                 provider_status=raw_status, provider_data={**current.provider_data, **data},
                 phase="waiting", poll_seq=current.poll_seq + 1,
                 active_at=time.time() + delay + rt.settings.sweep_grace_seconds,
-            )
+            ))
             await rt.queue.poll(job.id, job.poll_seq, delay)
             return
         except Conflict:
-            fresh = await load_job(rt, job.id)
+            fresh = await through_redis_outage(functools.partial(load_job, rt, job.id))
             if fresh is None:
                 return
             current = fresh

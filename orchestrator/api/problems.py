@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -62,10 +63,16 @@ def install(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else None
         return problem_response(exc.status_code, title, detail, headers=getattr(exc, "headers", None))
 
+    last_logged = [0.0]
+
     @app.exception_handler(RedisError)
     async def _store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
         # Redis restarting or failing over: a retryable 503, not a crash (fault suite, tests/faults).
-        log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+        # Logged at most every few seconds: an outage fails every request at once.
+        if time.monotonic() - last_logged[0] >= 5.0:
+            last_logged[0] = time.monotonic()
+            log.warning("redis unavailable (%s %s: %s); answering 503 meanwhile", request.method,
+                        request.url.path, exc, extra={"event": "api.redis_unavailable"})
         return problem_response(503, "Service unavailable", "the job store is briefly unreachable; retry",
                                 headers={"Retry-After": "1"})
 
