@@ -233,6 +233,12 @@ async def redis_memory(redis: Any) -> int:
     return int((await redis.info("memory"))["used_memory"])
 
 
+async def command_calls(redis: Any) -> Counter[str]:
+    """Calls per Redis command so far (INFO commandstats)."""
+    stats = await redis.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
+
+
 async def count_status(redis: Any, *statuses: str) -> int:
     return sum([int(await redis.zcard(f"atl:t:{TENANT}:st:{s}")) for s in statuses])
 
@@ -440,6 +446,7 @@ async def _run(args: argparse.Namespace, callbacks: bool, procs: Procs, server: 
         meter = CpuMeter({"api": api.pid, "worker": worker.pid, "simulator": sim.pid, "redis": server.process.pid
                           if server.process else 0, "bench": os.getpid()})
         meter.start()
+        calls0 = await command_calls(redis)
         samplers = [asyncio.create_task(sample_api()), asyncio.create_task(sample_system())]
         noticed: dict[str, float] = {}
         last_print = time.time()
@@ -466,6 +473,10 @@ async def _run(args: argparse.Namespace, callbacks: bool, procs: Procs, server: 
         await asyncio.gather(*samplers)
         wait_seconds = time.time() - t0
         cpu = meter.report()
+        calls = await command_calls(redis)
+        calls.subtract(calls0)
+        redis_rate = (f"{sum(calls.values()) / wait_seconds:,.0f} commands/s ("
+                      + ", ".join(f"{name} {n / wait_seconds:,.0f}/s" for name, n in calls.most_common(8)) + ")")
         wait_stats = (await simc.get("/_bench/stats")).json()
         mem_end = await redis_memory(redis)
         peak_rss = worker.peak_rss_mb()
@@ -506,6 +517,7 @@ async def _run(args: argparse.Namespace, callbacks: bool, procs: Procs, server: 
     if delays:
         print(f"  measured / round-robin ideal: p50 {percentile(delays, 50) / rr_p50:.2f}x, p99 "
               f"{percentile(delays, 99) / rr_p99:.2f}x   (target <= 2x; with callbacks p99 <= 1 s)")
+    print(f"Redis while waiting:   {redis_rate}")
     print(f"simulator:             {json.dumps(wait_stats)}")
     print(cpu, flush=True)
 

@@ -20,10 +20,10 @@ async def test_cap_in_flight_is_never_exceeded_with_several_workers(redis_url):
                  for _ in range(2)]
         sim = stack.simulators["replicate"]
         try:
-            low = [(await submit(client, priority="low", input={"prompt": f"low {i} [sim:run=0.6]"}))["id"]
+            low = [(await submit(client, priority="low", input={"prompt": f"low {i} [sim:run=2]"}))["id"]
                    for i in range(5)]
             await asyncio.sleep(0.3)
-            high = (await submit(client, priority="high", input={"prompt": "urgent [sim:run=0.6]"}))["id"]
+            high = (await submit(client, priority="high", input={"prompt": "urgent [sim:run=2]"}))["id"]
             most = 0
             throttled_seen = False
             deadline = time.monotonic() + 40

@@ -127,6 +127,7 @@ async def _until(check: Any, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.timeout(300)  # real processes and a timed outage: slow on a loaded 2-core machine
 async def test_webhook_receiver_down_then_back_small() -> None:
     await _outage_scenario("webhook_outage_small", jobs=8, failing=2.0, down=2.0, timeout=60)
 
