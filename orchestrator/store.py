@@ -21,6 +21,7 @@ Keys (prefix ``atl:``):
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,15 +56,28 @@ return ''
 """
 
 # KEYS: 1 job, 2 job events, 3 tenant old-status set, 4 tenant new-status set, 5 active, 6 webhook due,
-#       7 batch hash (or a dummy), 8.. webhook deliveries
+#       7 batch hash (or a dummy), 8 the tenant's webhook endpoints hash (or a dummy), 9.. webhook deliveries
 # ARGV: 1 expected version, 2 job JSON, 3 new status, 4 job id, 5 event JSON or '', 6 active ('' keep,
 #       '-' remove, else score), 7 now ms, 8 delivery key prefix, 9 old status, 10 batch id or '',
-#       11 '1' if the new status is terminal and the old one was not, 12.. delivery JSON, then one
-#       endpoint delivery index key (or '') per delivery, in the same order
+#       11 '1' if the new status is terminal and the old one was not, 12 the fingerprint of the
+#       endpoints the deliveries were made for ('' when not checked; see ``endpoints_fingerprint``),
+#       13.. delivery JSON, then one endpoint delivery index key (or '') per delivery, in the same order
+# Returns {new version, 1 if this finished the batch}, or {-1, 0} (no such job), {0, 0} (version
+# changed), {-2, 0} (the endpoints changed: nothing was written).
 _UPDATE = """
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return {-1, 0} end
 if v ~= ARGV[1] then return {0, 0} end
+if ARGV[12] ~= '' then
+  local vals = redis.call('HVALS', KEYS[8])
+  local fp = '0'
+  if #vals > 0 then
+    for i = 1, #vals do vals[i] = redis.sha1hex(vals[i]) end
+    table.sort(vals)
+    fp = redis.sha1hex(table.concat(vals, ','))
+  end
+  if fp ~= ARGV[12] then return {-2, 0} end
+end
 local nv = tonumber(v) + 1
 redis.call('HSET', KEYS[1], 'v', nv, 'd', ARGV[2], 's', ARGV[3])
 if KEYS[3] ~= KEYS[4] then
@@ -79,8 +93,8 @@ if ARGV[6] == '-' then
 elseif ARGV[6] ~= '' then
   redis.call('ZADD', KEYS[5], ARGV[6], ARGV[4])
 end
-local n = #KEYS - 7
-for i = 8, #KEYS do
+local n = #KEYS - 8
+for i = 9, #KEYS do
   local id = string.sub(KEYS[i], string.len(ARGV[8]) + 1)
   redis.call('SET', KEYS[i], ARGV[i + 4])
   redis.call('ZADD', KEYS[6], ARGV[7], id)
@@ -162,6 +176,29 @@ class Conflict(Exception):
     """The job changed since it was read; re-read and decide again."""
 
 
+class EndpointsChanged(Exception):
+    """The tenant's webhook endpoints are not the ones the deliveries were made for; nothing was written."""
+
+
+def endpoints_fingerprint(raw: Sequence[bytes | str]) -> str:
+    """A fingerprint of a tenant's stored endpoints (the values of its endpoints hash), as ``_UPDATE``
+    computes it: ``0`` for none, else the SHA-1 of their sorted SHA-1s."""
+    if not raw:
+        return "0"
+    digests = sorted(hashlib.sha1(r.encode() if isinstance(r, str) else r).hexdigest() for r in raw)
+    return hashlib.sha1(",".join(digests).encode()).hexdigest()
+
+
+def job_json(job: Job) -> str:
+    """A job as stored: fields at their defaults are left out (they read back the same), which keeps a
+    waiting job's record about a third smaller (bench/inflight.py: Redis memory per job)."""
+    return job.model_dump_json(exclude_defaults=True)
+
+
+def event_json(event: JobEvent) -> str:
+    return event.model_dump_json(exclude_none=True)
+
+
 class IdempotencyConflict(Exception):
     def __init__(self, job_id: str) -> None:
         super().__init__(job_id)
@@ -218,6 +255,11 @@ class JobStore:
         return f"{P}wh:{delivery_id}"
 
     @staticmethod
+    def endpoints_key(tenant: str) -> str:
+        """A tenant's webhook endpoints (hash: id -> JSON; kept by ``endpoints.Endpoints``)."""
+        return f"{P}t:{tenant}:endpoints"
+
+    @staticmethod
     def endpoint_deliveries_key(endpoint_id: str, status: str | None = None) -> str:
         """A webhook endpoint's delivery ids (all, or those in ``status``)."""
         return f"{P}ep:{endpoint_id}:dl" + (f":{status}" if status else "")
@@ -259,7 +301,7 @@ class JobStore:
                 self.batch_key(job.batch_id) if job.batch_id else f"{P}-"]
 
     def _create_args(self, job: Job, event: JobEvent, active_at: float, idem_value: str) -> list[str | int]:
-        return [job.model_dump_json(), job.status.value, job.tenant, 0, event.model_dump_json(), job.id,
+        return [job_json(job), job.status.value, job.tenant, 0, event_json(event), job.id,
                 ms(active_at), idem_value, self.idempotency_ttl, job.version, job.batch_id or ""]
 
     async def create_many(self, jobs: Sequence[Job], *, active_at: float, chunk: int = 500) -> int:
@@ -296,8 +338,13 @@ class JobStore:
         return saved
 
     async def apply(self, old: Job, new: Job, *, event: JobEvent | None = None, active_at: float | None = None,
-                    deliveries: Sequence[Delivery] = ()) -> tuple[Job, bool]:
-        """``update``, also saying whether this change finished the job's batch (exactly once per batch)."""
+                    deliveries: Sequence[Delivery] = (), endpoints: str | None = None) -> tuple[Job, bool]:
+        """``update``, also saying whether this change finished the job's batch (exactly once per batch).
+
+        ``endpoints``: the fingerprint (``endpoints_fingerprint``) of the tenant's webhook endpoints
+        that ``deliveries`` were made for; if they changed since, nothing is written and
+        ``EndpointsChanged`` is raised (the caller makes the deliveries again).
+        """
         new.version = old.version + 1
         new.updated_at = utcnow()
         if event is not None:
@@ -306,10 +353,12 @@ class JobStore:
         finishing = new.status.terminal and not old.status.terminal
         keys = [self.job_key(old.id), self.events_key(old.id), self.tenant_key(old.tenant, old.status),
                 self.tenant_key(old.tenant, new.status), self.ACTIVE, self.DELIVERIES_DUE,
-                self.batch_key(old.batch_id) if old.batch_id else f"{P}-"]
-        args: list[str | int] = [old.version, new.model_dump_json(), new.status.value, old.id,
-                                 event.model_dump_json() if event else "", active, ms(), f"{P}wh:",
-                                 old.status.value, old.batch_id or "", "1" if finishing else "0"]
+                self.batch_key(old.batch_id) if old.batch_id else f"{P}-",
+                self.endpoints_key(old.tenant) if endpoints is not None else f"{P}-"]
+        args: list[str | int] = [old.version, job_json(new), new.status.value, old.id,
+                                 event_json(event) if event else "", active, ms(), f"{P}wh:",
+                                 old.status.value, old.batch_id or "", "1" if finishing else "0",
+                                 endpoints or ""]
         for d in deliveries:
             keys.append(self.delivery_key(d.id))
             args.append(d.model_dump_json())
@@ -319,6 +368,8 @@ class JobStore:
             raise Conflict(f"job {old.id} does not exist")
         if version == 0:
             raise Conflict(f"job {old.id} changed concurrently")
+        if version == -2:
+            raise EndpointsChanged(old.tenant)
         return new, bool(finished)
 
     async def events(self, job_id: str, after: int = 0) -> list[JobEvent]:
