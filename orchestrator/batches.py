@@ -16,13 +16,14 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator import metrics
 from orchestrator.ids import derived_id, new_id, token
-from orchestrator.jobs import Jobs
+from orchestrator.jobs import Jobs, deadline_for
 from orchestrator.models import (
     BatchItemRef,
     BatchRecord,
@@ -35,6 +36,7 @@ from orchestrator.models import (
 )
 from orchestrator.store import Conflict, JobStore, P, ms
 from orchestrator.webhooks import Delivery
+from providers.base import ProviderSettings
 
 log = logging.getLogger("atelier.batches")
 
@@ -57,8 +59,11 @@ class Batches:
     # -- creating --------------------------------------------------------------------
     async def create(self, tenant: str, request: BatchRequest, valid: list[tuple[int, JobRequest, str | None]],
                      invalid_count: int, *, idempotency_key: str | None, body_hash: str,
-                     job_timeouts: dict[str, float]) -> tuple[BatchRecord, list[BatchItemRef], bool]:
-        """Insert the valid items as jobs of a new batch. Returns ``(batch, items, created)``."""
+                     providers: Mapping[str, ProviderSettings]) -> tuple[BatchRecord, list[BatchItemRef], bool]:
+        """Insert the valid items as jobs of a new batch. Returns ``(batch, items, created)``.
+
+        ``providers``: the settings that give each item its deadline (see ``jobs.deadline_for``).
+        """
         redis = self.store.redis
         record: BatchRecord | None = None
         if idempotency_key:
@@ -84,7 +89,7 @@ class Batches:
             pipe.hsetnx(self.store.batch_key(batch_id), "d", record.model_dump_json())
             pipe.zadd(f"{P}t:{tenant}:batches", {batch_id: 0})
             await pipe.execute()
-        jobs = [self._job(record, index, item, ref, job_timeouts.get(item.provider))
+        jobs = [self._job(record, index, item, ref, providers.get(item.provider))
                 for index, item, ref in valid]
         grace = self.jobs.settings.sweep_grace_seconds
         if await self.store.create_many(jobs, active_at=time.time() + grace) == len(jobs):
@@ -107,9 +112,9 @@ class Batches:
         return [BatchItemRef(index=i, ref=ref, job_id=self._job_id(record, i)) for i, _, ref in valid]
 
     def _job(self, record: BatchRecord, index: int, item: JobRequest, ref: str | None,
-             timeout: float | None) -> Job:
+             provider: ProviderSettings | None) -> Job:
         now = utcnow()
-        deadline = now + timedelta(seconds=timeout or self.jobs.settings.job_timeout_seconds)
+        deadline = deadline_for(item, provider, self.jobs.settings.job_timeout_seconds, now)
         return Job(
             id=self._job_id(record, index), tenant=record.tenant, provider=item.provider, kind=item.kind,
             model=item.model, input=item.input, webhook_url=str(item.webhook_url) if item.webhook_url else None,

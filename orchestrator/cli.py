@@ -1,9 +1,9 @@
 """The ``atelier`` command line.
 
-Server side:   serve, worker, dev, demo, sandbox, keys create, healthcheck
+Server side:   serve, worker, dev, demo, sandbox, keys create, provider-keys list|restore, healthcheck
 Client side:   submit, get, jobs list|get|cancel|wait, batch submit|status
                (talk to --url / ATELIER_URL with --api-key / ATELIER_API_KEY through orchestrator.client;
-               see cli_client.py and cli_batch.py)
+               see cli_client.py and cli_batch.py; provider-keys: cli_provider_keys.py)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import httpx
 from orchestrator import logs
 from orchestrator.cli_batch import add_batch_commands
 from orchestrator.cli_client import CliError, add_jobs_commands, client_args, cmd_get, cmd_submit
+from orchestrator.cli_provider_keys import add_provider_keys_commands
 from orchestrator.settings import Settings
 
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_jobs_commands(sub)
     add_batch_commands(sub)
+    add_provider_keys_commands(sub)
     return parser
 
 

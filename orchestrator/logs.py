@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
-FIELDS = ("job_id", "tenant", "provider", "event", "delivery_id", "batch_id")
+FIELDS = ("job_id", "tenant", "provider", "event", "delivery_id", "batch_id", "key_id", "reason")
 REDACTED = "[redacted]"
 
 _URL = re.compile(r"""\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'"<>]+""")

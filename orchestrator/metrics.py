@@ -20,6 +20,8 @@ Worker (and, for the few calls it makes, the API):
   atelier_provider_request_seconds{provider}          time to the response headers
   atelier_provider_rate_limited_total{provider}       HTTP 429 answers
   atelier_provider_key_missing_total{provider}        a job's key left the pool / no key configured
+  atelier_provider_keys_taken_out_total{provider,reason}  keys taken out of the pool (auth_failed |
+                                                      insufficient_balance)
   atelier_webhook_deliveries_total{outcome}           delivery attempts: delivered | retry | dead
   atelier_webhook_delivery_seconds{outcome}           latency of each attempt
   atelier_sweep_rescued_total{kind}                   jobs | deliveries whose pending work was lost
@@ -27,10 +29,12 @@ API:
   atelier_callback_verifications_failed_total{provider,reason}   signature | token
 Both, read from Redis at scrape time:
   atelier_queue_jobs{queue,state}                     arq queue entries: due (waiting or running) | deferred
+  atelier_polls_waiting{provider,state}               polls on the poll boards: scheduled | due (waiting for budget)
   atelier_jobs_active                                 jobs not yet finished
   atelier_jobs_overdue                                active jobs whose pending work is overdue
   atelier_webhook_deliveries_pending                  webhook deliveries not yet delivered or dead
   atelier_provider_keys{provider}                     keys configured per provider (a count, never a key)
+  atelier_provider_key_out_of_pool{provider,key_id,reason}  1 per key out of the pool (a fingerprint)
   atelier_redis_up                                    1 when the last scrape could read Redis
 """
 
@@ -56,6 +60,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from orchestrator import keypool, polls
 from orchestrator.models import TERMINAL, Job, JobStatus
 
 disable_created_metrics()  # no ``*_created`` series: they double the output and nobody graphs them
@@ -88,6 +93,12 @@ KEY_MISSING = Counter("atelier_provider_key_missing",
                       "Calls that found no usable key: the job's key left the pool, or none is configured",
                       ["provider"])
 PROVIDER_KEYS = Gauge("atelier_provider_keys", "API keys configured per provider (a count)", ["provider"])
+KEYS_TAKEN_OUT = Counter("atelier_provider_keys_taken_out",
+                         "Provider keys taken out of the pool: refused (auth_failed) or out of balance",
+                         ["provider", "reason"])
+KEYS_OUT = Gauge("atelier_provider_key_out_of_pool",
+                 "1 for each provider key out of the pool (key_id is the key's fingerprint)",
+                 ["provider", "key_id", "reason"])
 
 WEBHOOK_DELIVERIES = Counter("atelier_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
 WEBHOOK_SECONDS = Histogram("atelier_webhook_delivery_seconds", "Latency of webhook delivery attempts",
@@ -101,6 +112,8 @@ QUEUE_JOBS = Gauge("atelier_queue_jobs", "arq queue entries: due now (waiting or
 JOBS_ACTIVE = Gauge("atelier_jobs_active", "Jobs not yet in a terminal state")
 JOBS_OVERDUE = Gauge("atelier_jobs_overdue", "Active jobs whose pending work is overdue (the sweeper rescues them)")
 WEBHOOKS_PENDING = Gauge("atelier_webhook_deliveries_pending", "Webhook deliveries neither delivered nor dead")
+POLLS_WAITING = Gauge("atelier_polls_waiting", "Polls on the poll boards: scheduled for later, or due and "
+                      "waiting for their key's request budget", ["provider", "state"])
 REDIS_UP = Gauge("atelier_redis_up", "1 when the last scrape could read Redis")
 
 # Redis keys read at scrape time (see orchestrator/store.py).
@@ -234,6 +247,10 @@ def key_missing(provider: str) -> None:
     KEY_MISSING.labels(provider).inc()
 
 
+def key_taken_out(provider: str, reason: str) -> None:
+    KEYS_TAKEN_OUT.labels(provider, reason).inc()
+
+
 def provider_keys(counts: Mapping[str, int]) -> None:
     for provider, count in counts.items():
         PROVIDER_KEYS.labels(provider).set(count)
@@ -272,13 +289,22 @@ async def refresh_redis_gauges(redis: Any, queues: Iterable[str]) -> None:
         pipe.zcount(ACTIVE_KEY, "-inf", now_ms)
         pipe.zcard(DELIVERIES_DUE_KEY)
         values = [int(v) for v in await pipe.execute()]
+        boards = await polls.counts(redis)
+        keys_out = await keypool.all_out(redis)
     except Exception:  # noqa: BLE001 - a scrape must answer even when Redis does not
         REDIS_UP.set(0)
         return
+    KEYS_OUT.clear()
+    for (provider, key_id), record in keys_out.items():
+        KEYS_OUT.labels(provider, key_id, record.reason).set(1)
     for i, queue in enumerate(names):
         due, total = values[2 * i], values[2 * i + 1]
         QUEUE_JOBS.labels(queue, "due").set(due)
         QUEUE_JOBS.labels(queue, "deferred").set(max(0, total - due))
+    POLLS_WAITING.clear()
+    for provider, (scheduled, due) in boards.items():
+        POLLS_WAITING.labels(provider, "scheduled").set(scheduled)
+        POLLS_WAITING.labels(provider, "due").set(due)
     active, overdue, pending = values[-3:]
     JOBS_ACTIVE.set(active)
     JOBS_OVERDUE.set(overdue)

@@ -2,9 +2,9 @@
 
 Kept small on purpose (arq is in maintenance mode; saq or streaq could replace
 it here). Every enqueue carries a ``_job_id`` that makes duplicates no-ops:
-``submit:{job}:{attempt}``, ``poll:{job}:{seq}``, ``collect:{job}:{n}``,
-``wh:{delivery}:{attempt}``. Payloads are JSON, never pickle: Redis content must
-not be able to run code in a worker.
+``submit:{job}:{attempt}``, ``collect:{job}:{n}``, ``wh:{delivery}:{attempt}``.
+Polls are not queue entries: they wait on the poll boards (``orchestrator/polls.py``).
+Payloads are JSON, never pickle: Redis content must not be able to run code in a worker.
 """
 
 from __future__ import annotations
@@ -119,9 +119,15 @@ class Queue:
         self._enqueue_if_absent = arq.register_script(_ENQUEUE_IF_ABSENT)
 
     async def _enqueue(self, function: str, job_id: str, queue: str, defer: float, *args: Any) -> bool:
-        job = await self.arq.enqueue_job(function, *args, _job_id=job_id, _queue_name=queue,
-                                         _defer_by=max(0.0, defer) or None)
-        return job is not None
+        """What arq's ``enqueue_job`` does, in one round trip instead of three (WATCH, MULTI, EXEC):
+        enqueue unless the id is queued, running or holding a result."""
+        now = int(time.time() * 1000)
+        defer_ms = int(max(0.0, defer) * 1000)
+        payload = serialize_job(function, args, {}, None, now, serializer=dumps)
+        added = await self._enqueue_if_absent(
+            keys=[job_key_prefix + job_id, queue, result_key_prefix + job_id],
+            args=[payload, defer_ms + expires_extra_ms, now + defer_ms, job_id])
+        return bool(added)
 
     async def submit(self, job_id: str, attempt: int, defer: float = 0, tag: str = "") -> bool:
         arq_id = f"submit:{job_id}:{attempt}{tag}"
@@ -141,9 +147,6 @@ class Queue:
                     args=[payload, expires_extra_ms, now, arq_id], client=pipe)
             added += sum(int(r) for r in await pipe.execute())
         return added
-
-    async def poll(self, job_id: str, seq: int, defer: float = 0) -> bool:
-        return await self._enqueue("poll_job", f"poll:{job_id}:{seq}", self.jobs_queue, defer, job_id, seq)
 
     async def collect(self, job_id: str, n: int, defer: float = 0) -> bool:
         return await self._enqueue("collect_outputs", f"collect:{job_id}:{n}", self.jobs_queue, defer, job_id)

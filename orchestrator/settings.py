@@ -8,6 +8,7 @@ not fit one environment variable::
     base_url = "https://gateway.example.com/replicate"
     typical_seconds = { image = 6, video = 120 }
     job_timeout_seconds = 7200
+    job_timeout_by_model = { "minimax/video-01" = 1800, "google/veo-*" = 5400 }
 
 Environment variables win over the file.
 """
@@ -80,8 +81,14 @@ class Settings(BaseSettings):
     poll_min_seconds: float = 2.0
     poll_max_seconds: float = 60.0
     poll_backoff: float = 1.6
+    # With a request budget (rpm), spend what due polls leave unused on reading waiting jobs before their
+    # schedule says, each no more often than its share of the budget (finished work is noticed sooner).
+    poll_spare_budget: bool = True
     job_timeout_seconds: float = 3 * 3600.0
     submit_max_attempts: int = 8
+    # A provider key taken out of the pool for want of balance is tried again after this long
+    # (a refused key stays out until `atelier provider-keys restore`).
+    key_recheck_seconds: float = Field(900.0, gt=0)
 
     webhook_timeout_seconds: float = 10.0
     webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
@@ -221,6 +228,7 @@ class Settings(BaseSettings):
             poll_initial_seconds=file_cfg.pop("poll_initial_seconds", None),
             poll_max_seconds=float(file_cfg.pop("poll_max_seconds", self.poll_max_seconds)),
             job_timeout_seconds=float(file_cfg.pop("job_timeout_seconds", self.job_timeout_seconds)),
+            job_timeout_by_model=_timeouts_by_model(name, file_cfg.pop("job_timeout_by_model", {})),
             concurrency=getattr(self, f"{name}_concurrency") or file_cfg.pop("concurrency", None),
             rpm=getattr(self, f"{name}_rpm") or file_cfg.pop("rpm", None),
             extra=extra | file_cfg,
@@ -231,6 +239,19 @@ class Settings(BaseSettings):
         if env_value:
             return [k.strip() for k in env_value.split(",") if k.strip()]
         return list(from_file or [])
+
+
+def _timeouts_by_model(provider: str, table: Any) -> dict[str, float]:
+    """``job_timeout_by_model`` of a provider's TOML table: model (or pattern) -> positive seconds."""
+    where = f"[providers.{provider}] job_timeout_by_model"
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table of model = seconds")
+    result = {}
+    for model, seconds in table.items():
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+            raise ValueError(f"{where}: {model!r} must be a positive number of seconds, not {seconds!r}")
+        result[str(model)] = float(seconds)
+    return result
 
 
 def _secret(value: SecretStr | None) -> str:

@@ -7,11 +7,14 @@ sorted set ordered by priority, then submission time; when a task finishes,
 the next waiting jobs are woken in that order. A job may take a slot only if
 fewer jobs are ahead of it than there are free slots, so newcomers never jump
 the line. The request budget is a GCRA limiter (``atl:rate:...``): submits
-and polls of one key spend the same budget, so no 429 is self-inflicted.
+and polls of one key spend the same budget, so no 429 is self-inflicted. A 429
+with ``Retry-After`` pauses the key (``pause``): its TAT moves past the pause,
+so every worker holds that key's submits and polls back, rpm limit or not.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -57,6 +60,17 @@ redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil(burst + 2 * interval)
 return 0
 """
 
+# A provider's Retry-After: push the key's TAT forward (never back) so nothing goes before it.
+_PAUSE = """
+local target = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if target > tat then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
 _PRIORITY_RANK = {Priority.high: 0, Priority.normal: 1, Priority.low: 2}
 
 
@@ -79,6 +93,7 @@ class Throttle:
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
         self._rate = redis.register_script(_RATE)
+        self._pause = redis.register_script(_PAUSE)
 
     @staticmethod
     def inflight_key(provider: str, key_id: str) -> str:
@@ -111,15 +126,41 @@ class Throttle:
                                     args=[job_id, cap])
         return [h.decode() if isinstance(h, bytes) else str(h) for h in heads]
 
-    async def wait_ms(self, provider: str, key_id: str) -> int:
-        """Spend one request of the key's budget: 0 if it may go now, else how long to wait."""
+    @staticmethod
+    def rate_key(provider: str, key_id: str) -> str:
+        return f"{P}rate:{provider}:{key_id}"
+
+    def _interval_burst(self, provider: str) -> tuple[float, float]:
+        """The GCRA emission interval and burst tolerance (ms) of ``provider``'s keys; (0, 0) without an rpm."""
         limits = self.limits.get(provider)
         if not limits or not limits.rpm:
-            return 0
+            return 0.0, 0.0
         interval = 60_000 / limits.rpm
-        wait = await self._rate(keys=[f"{P}rate:{provider}:{key_id}"],
-                                args=[int(time.time() * 1000), interval, interval * max(0, limits.burst - 1)])
+        return interval, interval * max(0, limits.burst - 1)
+
+    async def wait_ms(self, provider: str, key_id: str) -> int:
+        """Spend one request of the key's budget: 0 if it may go now, else how long to wait.
+
+        Without a requests-per-minute limit only a pause (a provider's Retry-After) can hold a key back.
+        """
+        interval, burst = self._interval_burst(provider)
+        now = int(time.time() * 1000)
+        if not interval:
+            raw = await self.redis.get(self.rate_key(provider, key_id))
+            return max(0, math.ceil(float(raw) - now)) if raw else 0
+        wait = await self._rate(keys=[self.rate_key(provider, key_id)], args=[now, interval, burst])
         return int(wait)
+
+    async def pause(self, provider: str, key_id: str, seconds: float) -> None:
+        """Allow no request on the key for ``seconds`` (a provider's 429 with ``Retry-After``), shared by
+        every worker: submits and polls of that key wait, not only the job that met the 429."""
+        if seconds <= 0:
+            return
+        interval, burst = self._interval_burst(provider)
+        now = int(time.time() * 1000)
+        target = now + math.ceil(seconds * 1000 + burst)
+        await self._pause(keys=[self.rate_key(provider, key_id)],
+                          args=[target, math.ceil(target - now + burst + 2 * interval) + 1000])
 
     async def inflight(self, provider: str, key_id: str) -> int:
         return int(await self.redis.scard(self.inflight_key(provider, key_id)))  # type: ignore[misc]

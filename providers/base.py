@@ -8,7 +8,9 @@ submission:
 
 * ``InvalidInput``      -- rejected before any request (API answers 422).
 * ``Rejected``          -- the provider refused; nothing was created.
-* ``AuthFailed``        -- the key was refused (a ``Rejected``).
+* ``AuthFailed``        -- the key was refused (a ``Rejected``): the worker takes it out of the pool.
+* ``InsufficientBalance`` -- the key's account is out of credit (a ``Rejected``): out of the pool
+                           until a recheck.
 * ``RateLimited``       -- 429 or similar; nothing was created, retry after a pause.
 * ``Unavailable``       -- 5xx / network trouble where the provider documents or
                            the transport proves that nothing was created.
@@ -21,6 +23,7 @@ submission:
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -105,6 +108,8 @@ class ProviderSettings:
     poll_initial_seconds: float | None = None
     poll_max_seconds: float = 30.0
     job_timeout_seconds: float = 3600.0
+    # Per-model deadlines (seconds): exact model names, or fnmatch patterns such as "minimax/*".
+    job_timeout_by_model: dict[str, float] = field(default_factory=dict)
     concurrency: int | None = None  # tasks in flight per API key
     rpm: float | None = None  # requests per minute per API key
     extra: dict[str, Any] = field(default_factory=dict)
@@ -210,6 +215,16 @@ class Provider:
     def typical_seconds(self, job: Job) -> float:
         return self.settings.typical_seconds.get(job.kind.value, 60.0)
 
+    @property
+    def fetch_group_size(self) -> int:
+        """Tasks one status request can read (``fetch_many``); 1 when the provider reads one at a time."""
+        return 1
+
+    async def fetch_many(self, ctx: CallContext, jobs: list[Job]) -> dict[str, TaskStatus]:
+        """Statuses of up to ``fetch_group_size`` tasks, keyed by provider task id (all submitted
+        with ``ctx.api_key``). A task missing from the answer is polled on its own."""
+        return {job.provider_task_id: await self.fetch(ctx, job) for job in jobs if job.provider_task_id}
+
 
 # -- HTTP helpers shared by adapters ---------------------------------------
 
@@ -245,6 +260,19 @@ async def send(http: httpx.AsyncClient, request: httpx.Request, *, creates: bool
         raise Unavailable(f"provider request failed: {exc.__class__.__name__}") from exc
 
 
+# new-api / one-api gateways: the token's or the user's quota is used up (HTTP 403 with one of these
+# codes, or a 401 from the token check that only says so in its message).
+GATEWAY_QUOTA_CODES = frozenset({"quota_not_enough", "insufficient_user_quota", "pre_consume_token_quota_failed",
+                                 "insufficient_quota"})
+_GATEWAY_QUOTA_TEXT = re.compile(r"额度不足|额度已用尽|insufficient (user )?quota|quota (is )?(not enough|exhausted)",
+                                 re.IGNORECASE)
+
+
+def gateway_quota_exhausted(code: Any, message: str) -> bool:
+    """Whether a gateway error means the key's quota (balance) ran out, not a bad key."""
+    return str(code or "") in GATEWAY_QUOTA_CODES or bool(_GATEWAY_QUOTA_TEXT.search(message or ""))
+
+
 def parse_json(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -271,6 +299,9 @@ def raise_for_common_status(response: httpx.Response, *, creates: bool = False, 
     if status == 429:
         raise RateLimited("provider rate limit (HTTP 429)", retry_after=retry_after_seconds(response.headers),
                           detail=body_detail)
+    if status == 402:  # Payment Required: the account behind the key is out of credit (Replicate...)
+        raise InsufficientBalance("provider says the account is out of credit (HTTP 402)", detail=body_detail,
+                                  status_code=status)
     if status in (401, 403):
         raise AuthFailed(f"provider refused the credentials (HTTP {status})", detail=body_detail,
                          status_code=status)

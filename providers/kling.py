@@ -42,8 +42,10 @@ the response itself: create returns an OpenAI-style video object (``id``/``task_
 the raw Kling body in ``data``) and ``FAILURE`` (``fail_reason``; the gateway's own 24 h
 timeout sweep ends up here as ``provider_gateway_timeout``). Task errors are
 ``{code: "<string>", message, data: null}`` (Kling's own body may be embedded in
-``message``), auth errors ``{"error": {...}}``. A gateway never calls back and cannot look a
-task up by our external id, so neither is used in gateway mode.
+``message``), auth errors ``{"error": {...}}``; a used-up gateway quota (``quota_not_enough``,
+``insufficient_user_quota``... with 401/403) is InsufficientBalance, not AuthFailed. A
+gateway never calls back and cannot look a task up by our external id, so neither is used
+in gateway mode.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ from providers.base import (
     TaskStatus,
     Unavailable,
     expect_object,
+    gateway_quota_exhausted,
     parse_json,
     raise_for_common_status,
     retry_after_seconds,
@@ -501,6 +504,9 @@ def raise_for_error(response: httpx.Response, payload: dict[str, Any], *, create
     error = payload.get("error")
     if isinstance(error, dict):  # OpenAI-style errors of gateways (auth, distribution)
         detail = {"error": {k: error.get(k) for k in ("message", "type", "code")}}
+        if response.status_code != 429 and gateway_quota_exhausted(error.get("code"), str(error.get("message") or "")):
+            raise InsufficientBalance(f"the gateway says the key's quota is used up: {error.get('message')}",
+                                      detail=detail, status_code=response.status_code)
         if error.get("code") == "model_not_found":
             err = Rejected(f"the gateway serves no channel for this model: {error.get('message')}",
                            detail=detail, status_code=response.status_code)
@@ -560,6 +566,9 @@ def _gateway_error(code: str, message: str, response: httpx.Response, *, creates
                            detail=detail)
     if code == "task_not_exist" and not creates:
         return TaskNotFound(f"the gateway does not know this task ({message})", detail=detail, status_code=status)
+    if status != 429 and gateway_quota_exhausted(code, message):
+        return InsufficientBalance(f"the gateway says the key's quota is used up: {code}: {message}",
+                                   detail=detail, status_code=status)
     try:
         raise_for_common_status(response, creates=creates, detail=detail)
     except ProviderError as exc:

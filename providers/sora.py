@@ -355,6 +355,9 @@ def _error_body(response: httpx.Response) -> dict[str, Any]:
     return {"body": body if isinstance(body, dict) else str(body)[:300]}
 
 
+_BILLING_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
+
+
 def _raise_for_error(response: httpx.Response, *, creates: bool = False) -> None:
     status = response.status_code
     if status < 400:
@@ -362,9 +365,10 @@ def _raise_for_error(response: httpx.Response, *, creates: bool = False) -> None
     error = _error_body(response)
     code = str(error.get("code") or "")
     message = str(error.get("message") or f"HTTP {status}")
+    if code in _BILLING_CODES or error.get("type") in _BILLING_CODES:
+        # 429 insufficient_quota (no credit left), 400 billing_hard_limit_reached: the account, not the request.
+        raise InsufficientBalance(f"Sora refused the request: {message}", detail=error, status_code=status)
     if status == 429:
-        if code == "insufficient_quota" or error.get("type") == "insufficient_quota":
-            raise InsufficientBalance(f"Sora refused the request: {message}", detail=error, status_code=429)
         retry_ms = response.headers.get("retry-after-ms")
         retry = _poll_after(retry_ms) if retry_ms else retry_after_seconds(response.headers)
         raise RateLimited("Sora rate limit (HTTP 429)", retry_after=retry, detail=error)

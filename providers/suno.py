@@ -83,6 +83,7 @@ from providers.base import (
     TaskStatus,
     Unavailable,
     expect_object,
+    gateway_quota_exhausted,
     parse_json,
     raise_for_common_status,
     retry_after_seconds,
@@ -111,7 +112,6 @@ _SUNOAPI_STATES: dict[str, ProviderState] = {
     "SENSITIVE_WORD_ERROR": "failed",
 }
 _CALLBACK_STAGES = {"text": "TEXT_SUCCESS", "first": "FIRST_SUCCESS", "complete": "SUCCESS"}
-_QUOTA_CODES = ("quota_not_enough", "insufficient_user_quota")
 
 # -- input -----------------------------------------------------------------------------------
 
@@ -399,6 +399,10 @@ class SunoProvider(Provider):
     def supports_callbacks(self) -> bool:  # type: ignore[override]  # per instance: only sunoapi calls back
         return self.flavor == "sunoapi"
 
+    @property
+    def fetch_group_size(self) -> int:
+        return self.batch_fetch_size if self.flavor == "gateway" else 1
+
     def validate(self, request: JobRequest) -> None:
         super().validate(request)
         suno_params(self.flavor, request.input, request.model)
@@ -602,7 +606,7 @@ def _gateway_data(response: httpx.Response, *, creates: bool) -> Any:
     if status == 429:
         raise RateLimited(f"Suno gateway is saturated or rate limited ({what})",
                           retry_after=retry_after_seconds(response.headers), detail=detail)
-    if code in _QUOTA_CODES:
+    if gateway_quota_exhausted(code, message):
         raise InsufficientBalance(f"Suno gateway: insufficient quota ({what})", detail=detail, status_code=status)
     if status in (401, 403):
         raise AuthFailed(f"Suno gateway refused the key ({what})", detail=detail, status_code=status)

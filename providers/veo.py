@@ -31,7 +31,8 @@ docs offer it; the Python SDK refuses it in Gemini mode -- a documented conflict
 No cancel endpoint, no list endpoint (an ambiguous create cannot be reconciled), and the
 2026 webhooks are project-level or need a JWT/JWKS scheme whose audience is undocumented: no
 callbacks. Errors are ``{"error": {code, message, status, details}}``; 429
-``RESOURCE_EXHAUSTED`` carries ``RetryInfo.retryDelay``.
+``RESOURCE_EXHAUSTED`` carries ``RetryInfo.retryDelay``, except "prepayment credits are
+depleted", which is InsufficientBalance (waiting does not bring credit back).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from orchestrator.models import Job, JobInput, JobKind, JobRequest, ProviderOutp
 from providers.base import (
     AuthFailed,
     CallContext,
+    InsufficientBalance,
     InvalidInput,
     MalformedResponse,
     Provider,
@@ -452,12 +454,18 @@ def retry_delay(error: dict[str, Any]) -> float | None:
     return None
 
 
+_DEPLETED = re.compile(r"credits? (are|is|have been) (depleted|exhausted)", re.IGNORECASE)
+
+
 def _raise_for_error(response: httpx.Response, *, creates: bool = False) -> None:
     status = response.status_code
     if status < 400:
         return
     error = _error_body(response)
     message = str(error.get("message") or f"HTTP {status}")
+    if status == 429 and _DEPLETED.search(message):
+        # Prepaid credits used up (also a 429 RESOURCE_EXHAUSTED, but no wait brings them back).
+        raise InsufficientBalance(f"Veo: {message}", detail=error, status_code=status)
     if status == 429:
         retry = retry_after_seconds(response.headers) or retry_delay(error)
         raise RateLimited(f"Veo quota exhausted (HTTP 429): {message}", retry_after=retry, detail=error)

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import logs, metrics
 from orchestrator.devstack import dev_stack
-from orchestrator.models import Job, JobInput, JobKind
+from orchestrator.models import Job, JobInput, JobKind, JobStatus
 from orchestrator.redis_server import find_redis_server, free_port
 from orchestrator.runtime import Runtime
 from orchestrator.storage import Spooled, open_storage
@@ -123,14 +123,14 @@ async def test_metrics_endpoint_exposes_the_series_after_jobs_run(stack):
                 assert not value.startswith(("job_", "dev")) and "flux" not in value, (name, labels)
 
 
-async def test_queue_gauges_count_due_and_deferred_entries(stack):
+async def test_a_waiting_job_is_a_scheduled_poll_not_a_queue_entry(stack):
     async with api(stack) as client:
         job = await submit(client, input={"prompt": "slow [sim:run=30]"})
         await wait_for(client, job["id"], {"running"})
     samples = await scrape(f"{stack.api_url}/metrics")
     assert total(samples, "atelier_jobs_active") >= 1
-    # The next poll waits in the queue, deferred: it holds no worker.
-    assert total(samples, "atelier_queue_jobs", queue=stack.settings.queue_name, state="deferred") >= 1
+    # The next poll waits on the replicate key's poll board: no worker slot, no queue entry.
+    assert total(samples, "atelier_polls_waiting", provider="replicate", state="scheduled") >= 1
 
 
 async def test_a_key_that_left_the_pool_is_counted(stack):
@@ -138,8 +138,9 @@ async def test_a_key_that_left_the_pool_is_counted(stack):
     try:
         provider = rt.registry.get("replicate")
         assert provider is not None
+        # Submitted: it must be followed with the key that submitted it (a queued job picks another).
         job = Job(id="job_keyless", tenant="dev", provider="replicate", kind=JobKind.image, model="m",
-                  input=JobInput(prompt="x"), key_id="000000000000")
+                  input=JobInput(prompt="x"), key_id="000000000000", status=JobStatus.submitted)
         before = metrics.KEY_MISSING.labels("replicate")._value.get()
         with pytest.raises(LookupError, match="no longer configured"):
             tasks.call_context(rt, provider, job)

@@ -1,4 +1,5 @@
-"""Run the arq workers: one on the jobs queue (with the sweeper cron), one on the webhook queue.
+"""Run the arq workers: one on the jobs queue (with the sweeper cron), one on the webhook queue,
+and the poller (workers/polling.py) that reads waiting jobs at their providers.
 
 Webhook delivery has its own queue so a slow receiver never delays job
 processing. Both workers share one ``Runtime`` in one process; scale out by
@@ -23,6 +24,7 @@ from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
 from providers.sandbox.serve import serving
 from workers import collect, delivery, tasks
+from workers.polling import Poller
 from workers.resilient import Worker  # arq's Worker, kept alive through Redis restarts
 
 log = logging.getLogger("atelier.worker")
@@ -81,6 +83,10 @@ async def run(settings: Settings, *, queues: Sequence[str] = ("jobs", "webhooks"
             loop.add_signal_handler(sig, stop.set)
     workers = await build_workers(settings, ctx, queues)
     runs = [asyncio.create_task(w.async_run()) for w in workers]
+    poller = Poller(rt, settings.worker_max_jobs) if "jobs" in queues else None
+    poller_stop = asyncio.Event()
+    if poller is not None:
+        runs.append(asyncio.create_task(poller.run(poller_stop)))
     log.info("worker started on %s", ", ".join(w.queue_name for w in workers), extra={"event": "worker.started"})
     servers = contextlib.AsyncExitStack()
     try:
@@ -95,7 +101,9 @@ async def run(settings: Settings, *, queues: Sequence[str] = ("jobs", "webhooks"
             if task in runs and task.exception():
                 raise task.exception()  # type: ignore[misc]
     finally:
-        await _shutdown(workers, completion_wait)
+        poller_stop.set()
+        await asyncio.gather(_shutdown(workers, completion_wait),
+                             poller.drain(completion_wait) if poller else asyncio.sleep(0))
         await servers.aclose()
         for task in runs:
             task.cancel()

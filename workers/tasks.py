@@ -2,7 +2,8 @@
 
 submit_job       queued -> submitting -> submitted; the intent is recorded first, and an
                  ambiguous outcome is reconciled or failed, never blindly resubmitted.
-poll_job         one status fetch; applies it and schedules the next poll (deferred).
+poll             one status fetch (poll_group: many, where the provider allows); applies it and puts
+                 the next poll on the key's poll board (orchestrator/polls.py, run by workers/polling.py).
 collect_outputs  (workers/collect.py) streams every output into storage, then succeeded.
 cancel_at_provider  tells the provider to stop a canceled job's task, where it can.
 deliver_webhook  (workers/delivery.py) one signed delivery attempt; schedules the next on failure.
@@ -20,7 +21,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,17 +31,18 @@ from orchestrator import keypool, metrics
 from orchestrator.jobs import deadline_passed
 from orchestrator.models import TERMINAL, Job, JobStatus, utcnow
 from orchestrator.runtime import Runtime
-from orchestrator.schedule import poll_delay
+from orchestrator.schedule import poll_delay, poll_rank, woken_rank
 from orchestrator.store import Conflict
 from providers.base import (
+    AuthFailed,
     CallContext,
+    InsufficientBalance,
     MalformedResponse,
     OutcomeUnknown,
     Provider,
     ProviderError,
     RateLimited,
     Rejected,
-    TaskNotFound,
     TaskStatus,
     Unavailable,
 )
@@ -62,10 +64,18 @@ def log_extra(job: Job, event: str) -> dict[str, str]:
     return {"job_id": job.id, "tenant": job.tenant, "provider": job.provider, "event": event}
 
 
-def call_context(rt: Runtime, provider: Provider, job: Job) -> CallContext:
-    """Call context with the key that submitted ``job`` (or, before submission, the one it will use)."""
+def call_context(rt: Runtime, provider: Provider, job: Job,
+                 out_of_pool: Mapping[str, keypool.KeyOut] | None = None) -> CallContext:
+    """Call context with the key that submitted ``job`` (or, before submission, the one it will use).
+
+    A job not yet at the provider (``queued``) whose key left the pool (``out_of_pool``, or no longer
+    configured) picks another: nothing exists under the old key. Raises ``keypool.NoUsableKey`` when
+    every key is out.
+    """
     keys = provider.settings.api_keys
-    key = keypool.resolve(keys, job.key_id) if job.key_id else (keypool.pick(keys, job) if keys else None)
+    key = keypool.resolve(keys, job.key_id) if job.key_id else None
+    if keys and (not job.key_id or (job.status == S.queued and (key is None or job.key_id in (out_of_pool or {})))):
+        key = keypool.pick(keys, job, out_of_pool)
     if key is None:
         metrics.key_missing(job.provider)
         if not job.key_id:
@@ -75,7 +85,7 @@ def call_context(rt: Runtime, provider: Provider, job: Job) -> CallContext:
     if provider.supports_callbacks and rt.settings.callbacks_enabled:
         base = rt.settings.public_url.rstrip("/")
         callback_url = f"{base}/v1/callbacks/{job.provider}?job={job.id}&token={job.callback_token}"
-    return CallContext(http=rt.http, api_key=key, callback_url=callback_url)
+    return CallContext(http=rt.http_for(job.provider), api_key=key, callback_url=callback_url)
 
 
 async def load_job(rt: Runtime, job_id: str) -> Job | None:
@@ -119,10 +129,17 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
                            status=S.timed_out)
         return
     try:
-        call = call_context(rt, provider, job)
+        call = call_context(rt, provider, job, await keypool.out_of_pool(
+            rt.redis, job.provider, provider.settings.api_keys))
+    except keypool.NoUsableKey as exc:
+        metrics.key_missing(job.provider)
+        await fail_current(rt, job, exc.code, str(exc), exc.detail)
+        return
     except LookupError as exc:
         await rt.jobs.fail(job, "provider_not_configured", str(exc))
         return
+    if job.key_id and job.key_id != keypool.key_id(call.api_key):
+        await rt.free_slot(job)  # it held (or waited for) a slot on a key that left the pool
     if not await _within_limits(rt, job, keypool.key_id(call.api_key)):
         return
     attempt_started = time.time()
@@ -137,7 +154,13 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
     try:
         result = await provider.submit(call, job)
     except RateLimited as exc:
+        if exc.retry_after and job.key_id:
+            # The provider's limit binds the key, not only this job: hold back every request on it.
+            await rt.throttle.pause(job.provider, job.key_id, exc.retry_after)
         await _requeue(rt, job, exc, exc.retry_after)
+        return
+    except (AuthFailed, InsufficientBalance) as exc:
+        await _key_refused(rt, provider, job, keypool.key_id(call.api_key), exc)
         return
     except Unavailable as exc:
         await _requeue(rt, job, exc, None)
@@ -158,6 +181,48 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
     # The adapter may say no callback will come (e.g. through a gateway), whatever URL it was given.
     data = {"callback_expected": call.callback_url is not None, **result.data}
     await _submitted(rt, provider, job, result.task_id, result.request_id, result.status, data)
+
+
+async def _take_key_out(rt: Runtime, provider: Provider, job: Job, kid: str,
+                        exc: AuthFailed | InsufficientBalance) -> tuple[str, str]:
+    """Take key ``kid`` out of the pool for every process; the first to see it raises the alert.
+    Returns the reason and the provider's message (keys in it replaced by their fingerprints)."""
+    balance = isinstance(exc, InsufficientBalance)
+    reason = keypool.NO_BALANCE if balance else keypool.AUTH_FAILED
+    message = keypool.redact(exc.message, provider.settings.api_keys)
+    record = await keypool.take_out(rt.redis, job.provider, kid, reason=reason, code=exc.code, message=message,
+                                    recheck_seconds=rt.settings.key_recheck_seconds if balance else None)
+    if record is not None:
+        metrics.key_taken_out(job.provider, reason)
+        then = (f"tried again in {rt.settings.key_recheck_seconds:.0f}s" if balance
+                else f"restore it with `atelier provider-keys restore {job.provider} {kid}` once fixed")
+        log.error("%s key %s taken out of the pool (%s): %s; %s", job.provider, kid, reason, message, then,
+                  extra={**log_extra(job, "key.out_of_pool"), "key_id": kid, "reason": reason})
+    return reason, message
+
+
+async def _key_refused(rt: Runtime, provider: Provider, job: Job, kid: str,
+                       exc: AuthFailed | InsufficientBalance) -> None:
+    """The provider refused key ``kid`` or it is out of balance: nothing was created. Take the key out
+    of the pool (for every process) and resubmit on another key; with none left, fail the job clearly."""
+    keys = provider.settings.api_keys
+    reason, message = await _take_key_out(rt, provider, job, kid, exc)
+    out = await keypool.out_of_pool(rt.redis, job.provider, keys, fresh=True)
+    if all(keypool.key_id(k) in out for k in keys):
+        # This job met the refusal: it keeps the provider's code; later ones fail with no_usable_key.
+        metrics.key_missing(job.provider)
+        err = keypool.NoUsableKey(job.provider, out)
+        await fail_current(rt, job, exc.code, f"{message}; {err}", {**err.detail, "provider_error": exc.detail})
+        return
+    try:
+        requeued = await rt.jobs.transition(
+            job, S.queued, key_id=None, phase=None,
+            note=f"the {job.provider} key {kid} was taken out of the pool ({reason}); resubmitting with another key",
+            active_at=time.time() + rt.settings.sweep_grace_seconds)
+    except Conflict:
+        return  # canceled or timed out meanwhile (its slot was freed then)
+    await rt.free_slot(job)  # the old key's slot (and wake whoever waits for it)
+    await rt.queue.submit(requeued.id, requeued.attempts, tag=":rekey")
 
 
 REDIS_OUTAGE_SECONDS = 60.0
@@ -203,7 +268,7 @@ async def _submitted(rt: Runtime, provider: Provider, job: Job, task_id: str, re
                 phase="waiting", poll_seq=current.poll_seq + 1,
                 active_at=time.time() + delay + rt.settings.sweep_grace_seconds,
             ))
-            await rt.queue.poll(job.id, job.poll_seq, delay)
+            await schedule_poll(rt, provider, job, delay)
             return
         except Conflict:
             fresh = await through_redis_outage(functools.partial(load_job, rt, job.id))
@@ -336,48 +401,99 @@ async def fail_current(rt: Runtime, job: Job, code: str, message: str, detail: A
 # -- poll --------------------------------------------------------------------------------
 
 async def poll_job(ctx: dict[str, Any], job_id: str, seq: int) -> None:
-    rt = runtime_of(ctx)
-    job = await load_job(rt, job_id)
+    """An arq poll (queued by an earlier version, or by hand): polls now go through the poll board
+    (``workers/polling.py``), which spends the budget before handing a poll out; this one spends it."""
+    await poll(runtime_of(ctx), job_id, seq, budget_spent=False)
+
+
+async def _pollable(rt: Runtime, job: Job | None, seq: int) -> tuple[Job, Provider] | None:
+    """The job and its provider when poll ``seq`` is still wanted (else ``None``, handled)."""
     if job is None or job.status not in (S.submitted, S.running) or job.poll_seq != seq:
-        return  # finished, or a newer poll superseded this one
+        return None  # finished, or a newer poll superseded this one
     if job.phase == "collecting":
-        return
+        return None
     provider = rt.registry.get(job.provider)
     if provider is None:
         await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
-        return
+        return None
     if deadline_passed(job):
         await _time_out(rt, job)
+        return None
+    return job, provider
+
+
+async def poll(rt: Runtime, job_id: str, seq: int, *, budget_spent: bool = True) -> None:
+    """One status fetch for poll ``seq`` of the job; applies it and schedules the next poll."""
+    found = await _pollable(rt, await load_job(rt, job_id), seq)
+    if found is None:
         return
-    hint: float | None = None
-    budget_wait = await rt.throttle.wait_ms(job.provider, job.key_id) / 1000 if job.key_id else 0.0
-    if budget_wait > 0:
-        await _next_poll(rt, provider, job, budget_wait)
-        return
+    job, provider = found
+    if not budget_spent and job.key_id:
+        budget_wait = await rt.throttle.wait_ms(job.provider, job.key_id) / 1000
+        if budget_wait > 0:
+            await _next_poll(rt, provider, job, budget_wait)
+            return
     try:
         status = await provider.fetch(call_context(rt, provider, job), job)
-    except RateLimited as exc:
-        hint = exc.retry_after or poll_delay(rt.settings, provider, job) * 2
-        await _next_poll(rt, provider, job, hint, note=exc.message)
-        return
-    except (Unavailable, OutcomeUnknown) as exc:
-        await _next_poll(rt, provider, job, None, note=exc.message)
-        return
-    except MalformedResponse as exc:
-        if job.poll_errors + 1 >= MAX_MALFORMED_POLLS:
-            await fail_current(rt, job, exc.code, f"{exc.message} ({job.poll_errors + 1} times in a row)",
-                                exc.detail)
-        else:
-            await _next_poll(rt, provider, job, None, note=exc.message, poll_errors=job.poll_errors + 1)
-        return
-    except TaskNotFound as exc:
-        await fail_current(rt, job, exc.code, exc.message, exc.detail)
-        return
     except (ProviderError, LookupError) as exc:
-        code = getattr(exc, "code", "provider_error")
-        await fail_current(rt, job, code, getattr(exc, "message", str(exc)), getattr(exc, "detail", None))
+        await _poll_failed(rt, provider, job, exc)
         return
     await apply_status(rt, provider, job, status)
+
+
+async def poll_group(rt: Runtime, polls: list[tuple[str, int]]) -> None:
+    """Read many jobs of one provider key with one request (``Provider.fetch_many``).
+
+    A job missing from the answer is polled on its own (that read spends the budget itself), so
+    an unknown task still gets its own error.
+    """
+    jobs = await rt.store.get_many([job_id for job_id, _ in polls])
+    live: list[Job] = []
+    provider: Provider | None = None
+    for job, (_, seq) in zip(jobs, polls, strict=True):
+        found = await _pollable(rt, job, seq)
+        if found is not None:
+            live.append(found[0])
+            provider = found[1]
+    if not live or provider is None:
+        return
+    try:
+        statuses = await provider.fetch_many(call_context(rt, provider, live[0]), live)
+    except (RateLimited, Unavailable, OutcomeUnknown, MalformedResponse) as exc:
+        for job in live:
+            await _poll_failed(rt, provider, job, exc)
+        return
+    except (ProviderError, LookupError):
+        statuses = {}  # e.g. one bad id spoils the request: read each on its own for its own error
+    for job in live:
+        status = statuses.get(job.provider_task_id or "")
+        if status is None:
+            await poll(rt, job.id, job.poll_seq, budget_spent=False)
+        else:
+            await apply_status(rt, provider, job, status)
+
+
+async def _poll_failed(rt: Runtime, provider: Provider, job: Job, exc: ProviderError | LookupError) -> None:
+    if isinstance(exc, RateLimited):
+        # The provider's limit binds the key, not only this job: pause the key's whole budget.
+        pause = exc.retry_after or poll_delay(rt.settings, provider, job) * 2
+        if job.key_id:
+            await rt.throttle.pause(job.provider, job.key_id, pause)
+        await _next_poll(rt, provider, job, pause, note=exc.message)
+    elif isinstance(exc, (Unavailable, OutcomeUnknown)):
+        await _next_poll(rt, provider, job, None, note=exc.message)
+    elif isinstance(exc, MalformedResponse):
+        if job.poll_errors + 1 >= MAX_MALFORMED_POLLS:
+            await fail_current(rt, job, exc.code, f"{exc.message} ({job.poll_errors + 1} times in a row)",
+                               exc.detail)
+        else:
+            await _next_poll(rt, provider, job, None, note=exc.message, poll_errors=job.poll_errors + 1)
+    else:
+        if isinstance(exc, (AuthFailed, InsufficientBalance)) and job.key_id:
+            # Only this key can follow the task, so the job fails; new jobs must not use the key either.
+            await _take_key_out(rt, provider, job, job.key_id, exc)
+        code = getattr(exc, "code", "provider_error")
+        await fail_current(rt, job, code, getattr(exc, "message", str(exc)), getattr(exc, "detail", None))
 
 
 async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskStatus) -> None:
@@ -436,7 +552,21 @@ async def _next_poll(rt: Runtime, provider: Provider, job: Job, hint: float | No
                                    **changes)
     except Conflict:
         return
-    await rt.queue.poll(job.id, seq, delay)
+    await schedule_poll(rt, provider, job, delay)
+
+
+async def retry_polls(rt: Runtime, polls: list[tuple[str, int]], delay: float) -> None:
+    """Put polls that crashed back on their boards (through a Redis outage, if that was the cause)."""
+    for job, (_, seq) in zip(await through_redis_outage(lambda: rt.store.get_many([i for i, _ in polls])),
+                             polls, strict=True):
+        if job is not None and job.poll_seq == seq and job.status not in TERMINAL:
+            await through_redis_outage(functools.partial(
+                rt.polls.put, job.provider, job.key_id, job.id, seq, time.time() + delay, woken_rank(time.time())))
+
+
+async def schedule_poll(rt: Runtime, provider: Provider, job: Job, delay: float) -> None:
+    """Put the job's current poll (``job.poll_seq``) on its key's poll board, ``delay`` seconds out."""
+    await rt.polls.put(job.provider, job.key_id, job.id, job.poll_seq, time.time() + delay, poll_rank(provider, job))
 
 
 async def _time_out(rt: Runtime, job: Job) -> None:
@@ -502,11 +632,15 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
                 continue
             await rt.queue.collect(job.id, n + 1)
         else:
+            provider = rt.registry.get(job.provider)
             try:
                 job = await rt.jobs.change(job, poll_seq=job.poll_seq + 1)
             except Conflict:
                 continue
-            await rt.queue.poll(job.id, job.poll_seq)
+            if provider is None:
+                await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
+                continue
+            await schedule_poll(rt, provider, job, 0)
         rescued += 1
     redelivered = 0
     for delivery_id in await rt.store.overdue_deliveries(now - grace):

@@ -81,11 +81,11 @@ async def create_batch(request: BatchRequest, raw: Request, rt: RuntimeDep, tena
                       "batch is atomic: nothing was accepted",
                       invalid=[p.model_dump() for p in problems])
     body_hash = hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-    timeouts = {name: p.settings.job_timeout_seconds for name, p in rt.registry.providers.items()}
+    providers = {name: p.settings for name, p in rt.registry.providers.items()}
     try:
         record, items, created = await rt.batches.create(
             tenant, request, valid, len(problems), idempotency_key=idempotency_key, body_hash=body_hash,
-            job_timeouts=timeouts)
+            providers=providers)
     except BatchIdempotencyConflict as exc:
         raise Problem(409, "Idempotency key reused", "this Idempotency-Key was used with a different batch",
                       batch_id=exc.batch_id) from exc

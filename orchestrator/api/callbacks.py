@@ -3,15 +3,16 @@
 A callback is verified by the provider's own signature (``callback_auth =
 "signature"``) or by the per-job unguessable token we put in the callback URL
 (``"token"``). A verified callback never sets the job's state: it pulls the
-job's next status fetch forward to now, and the state applied is the one
-fetched. Duplicated, reordered, late callbacks, and callbacks for unknown or
-finished jobs are acknowledged and change nothing.
+job's next status fetch forward to now (first in line on its key's poll
+board), and the state applied is the one fetched. Duplicated, reordered,
+late callbacks, and callbacks for unknown or finished jobs are acknowledged and change nothing.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -20,6 +21,7 @@ from orchestrator import metrics
 from orchestrator.api.deps import RuntimeDep
 from orchestrator.api.problems import problem_response
 from orchestrator.models import TERMINAL, JobStatus
+from orchestrator.schedule import woken_rank
 from orchestrator.store import Conflict
 from providers.base import CallbackRejected, CallContext
 
@@ -40,7 +42,7 @@ async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> 
     job_id = request.query_params.get("job", "")
     token = request.query_params.get("token", "")
     keys = adapter.settings.api_keys
-    ctx = CallContext(http=rt.http, api_key=keys[0] if keys else "")
+    ctx = CallContext(http=rt.http_for(provider), api_key=keys[0] if keys else "")
     try:
         hint = await adapter.verify_callback(ctx, request.headers, body)
     except CallbackRejected as exc:
@@ -74,7 +76,8 @@ async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> 
             if fresh is None or fresh.status in TERMINAL:
                 return _ack("ignored: job already finished")
             job = fresh
-    await rt.queue.poll(job.id, job.poll_seq, 0)
+    now = time.time()
+    await rt.polls.put(job.provider, job.key_id, job.id, job.poll_seq, now, woken_rank(now))
     log.info("callback accepted; fetching status now", extra={"job_id": job.id, "provider": provider,
                                                               "event": "callback.accepted",
                                                               "tenant": job.tenant})

@@ -63,7 +63,7 @@ async def submit_job(request: JobRequest, rt: RuntimeDep, tenant: TenantDep, res
     assert provider is not None
     try:
         job, created = await rt.jobs.create(tenant, request, idempotency_key=idempotency_key,
-                                            job_timeout=provider.settings.job_timeout_seconds)
+                                            provider=provider.settings)
     except IdempotencyConflict as exc:
         raise Problem(409, "Idempotency key reused", "this Idempotency-Key was used with a different "
                       "request body", job_id=exc.job_id) from exc

@@ -12,7 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from orchestrator import keypool
 from orchestrator.devstack import Stack, dev_stack
 from orchestrator.models import Job, JobInput, JobKind
 from providers.base import CallContext, ProviderSettings, TaskNotFound, TaskStatus
@@ -154,8 +156,8 @@ async def test_gateway_not_start_before_the_first_tick_stays_queued(stack):
         job = await suno_job(client)
         job = await wait_for(client, job["id"], {"submitted"})
         await asyncio.sleep(2.0)
-        polled = (await sim_stats(stack, "suno"))["requests"]["fetch"]
-        assert polled >= 2
+        requests = (await sim_stats(stack, "suno"))["requests"]
+        assert requests.get("batch_fetch", 0) >= 2  # polls go through POST /suno/fetch
         job = (await client.get(f"/v1/jobs/{job['id']}")).json()
         assert job["status"] == "submitted" and job["provider_status"] == "NOT_START" and job["error"] is None
         sim.config.extra["gateway_tick_seconds"] = 0.25  # the gateway's loop catches up
@@ -173,12 +175,16 @@ async def test_gateway_429_burst_on_submit_ends_in_success_with_one_creation(sta
 
 
 async def test_gateway_429_and_5xx_while_polling_are_retried(stack):
-    await sim_faults(stack, "suno", {"kind": "429", "route": "fetch", "count": 2},
-                     {"kind": "503", "route": "fetch", "count": 1}, {"kind": "500", "route": "fetch", "count": 1})
+    # Polls of the gateway flavour are grouped into POST /suno/fetch.
+    await sim_faults(stack, "suno", {"kind": "429", "route": "batch_fetch", "count": 2, "retry_after": 1},
+                     {"kind": "503", "route": "batch_fetch", "count": 1},
+                     {"kind": "500", "route": "batch_fetch", "count": 1})
     async with api(stack) as client:
         done = await wait_for(client, (await suno_job(client))["id"])
     assert done["status"] == "succeeded"
-    assert (await sim_stats(stack, "suno"))["creations"] == 1
+    stats = await sim_stats(stack, "suno")
+    assert stats["creations"] == 1
+    assert stats["faults_injected"] == {"batch_fetch:429": 2, "batch_fetch:503": 1, "batch_fetch:500": 1}
 
 
 async def test_gateway_saturated_waits_and_upstream_refusal_is_retried_then_given_up(redis_url):
@@ -348,15 +354,27 @@ async def test_sunoapi_failed_tasks_and_callback_exception(redis_url):
     assert len(done["outputs"]) == 4
 
 
+async def restore_keys(stack: Stack) -> None:
+    """Put every key taken out of the pool back, and wait until every process's cache has seen it."""
+    redis = Redis.from_url(stack.settings.redis_url)
+    try:
+        for provider, kid in await keypool.all_out(redis):
+            await keypool.restore(redis, provider, kid)
+    finally:
+        await redis.aclose()
+    await asyncio.sleep(keypool.CACHE_SECONDS + 0.1)
+
+
 async def test_sunoapi_body_codes(redis_url):
     async with dev_stack(redis_url=redis_url, suno_flavor="sunoapi", submit_max_attempts=2,
                          job_timeout_seconds=5, log_format="text") as stack, api(stack) as client:
         credits = await suno_job(client, prompt="a song [sim:credits]")  # 429 = insufficient credits
+        credits = await wait_for(client, credits["id"])
+        assert credits["error"]["code"] == "provider_insufficient_balance" and credits["attempts"] == 1
+        await restore_keys(stack)  # no credit took the only key out of the pool: top-up done
         frequency = await suno_job(client, prompt="a song [sim:frequency]")  # 430 = call frequency
         ratelimit = await suno_job(client, prompt="a song [sim:ratelimit]")  # 405 = rate limit
         maintenance = await suno_job(client, prompt="a song [sim:maintenance]")  # 455
-        credits = await wait_for(client, credits["id"])
-        assert credits["error"]["code"] == "provider_insufficient_balance" and credits["attempts"] == 1
         for job in (frequency, ratelimit):  # rate limits wait (throttled) until the job's deadline
             job = await wait_for(client, job["id"], timeout=40)
             assert job["status"] == "timed_out" and job["attempts"] >= 2, job
@@ -364,6 +382,7 @@ async def test_sunoapi_body_codes(redis_url):
         assert maintenance["error"]["code"] == "provider_unavailable" and maintenance["attempts"] == 2
         # The body's code decides even when the HTTP status mirrors it: HTTP 429 is still "no credits".
         stack.simulators["suno-api"].config.extra["http_status_mirrors_code"] = True
+        await restore_keys(stack)
         mirrored = await wait_for(client, (await suno_job(client, prompt="a song [sim:credits]"))["id"])
         assert mirrored["error"]["code"] == "provider_insufficient_balance" and mirrored["attempts"] == 1
         stats = await sim_stats(stack, "suno-api")
