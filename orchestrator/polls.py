@@ -34,6 +34,7 @@ from orchestrator.schedule import CALLBACK_OFFSET
 
 P = "atl:"
 BOARDS = f"{P}pollboards"
+WAKE_CHANNEL = f"{P}polls:wake"  # published when a callback wakes a job, so a poller need not wait a round
 # While on the board the sweeper need not look: the board itself holds the work.
 ON_BOARD_MARGIN = 6 * 3600.0
 
@@ -48,6 +49,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[4], 'XX', ARGV[5], ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[6])
+if tonumber(ARGV[4]) < 0 then redis.call('PUBLISH', KEYS[6], ARGV[6]) end
 return 1
 """
 
@@ -201,7 +203,7 @@ class PollBoard:
         """
         key_id = key_id or "-"
         due, ready, meta = _keys(provider, key_id)
-        done = await self._put(keys=[due, ready, meta, self.active_key, BOARDS],
+        done = await self._put(keys=[due, ready, meta, self.active_key, BOARDS, WAKE_CHANNEL],
                                args=[job_id, seq, ms(at), f"{rank:.0f}", ms(at + ON_BOARD_MARGIN),
                                      f"{provider}:{key_id}"])
         return bool(done)

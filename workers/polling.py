@@ -17,7 +17,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from orchestrator.polls import Board
+from orchestrator.polls import WAKE_CHANNEL, Board
 from orchestrator.runtime import Runtime
 from workers import tasks
 
@@ -41,6 +41,7 @@ class Poller:
         self.running: set[asyncio.Task[None]] = set()
         self._boards: list[Board] = []
         self._boards_at = 0.0
+        self.woken = asyncio.Event()  # a callback woke a job: start the next round now
 
     async def boards(self) -> list[Board]:
         if time.monotonic() - self._boards_at > BOARDS_REFRESH_SECONDS:
@@ -92,8 +93,33 @@ class Poller:
             with contextlib.suppress(Exception):
                 await tasks.retry_polls(self.rt, polls, RETRY_SECONDS)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def listen(self, stop: asyncio.Event) -> None:
+        """Set ``woken`` whenever a callback puts a job first in line (through Redis restarts)."""
         while not stop.is_set():
+            pubsub = self.rt.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(WAKE_CHANNEL)
+                while not stop.is_set():
+                    if await pubsub.get_message(timeout=1.0) is not None:
+                        self.woken.set()
+            except Exception:  # noqa: BLE001 - Redis restarting: the rounds still run, only slower to wake
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        listener = asyncio.create_task(self.listen(stop))
+        try:
+            await self._rounds(stop)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _rounds(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.woken.clear()
             try:
                 pause = await self.round()
             except Exception:  # Redis restarting: keep going, as the arq workers do
@@ -102,8 +128,9 @@ class Poller:
             if len(self.running) >= self.concurrency:
                 await asyncio.wait(set(self.running), timeout=IDLE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause)
+            if pause > 0 and not self.woken.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.woken.wait(), pause)
 
     async def drain(self, timeout: float) -> None:
         """Let running polls finish (shutdown); what is still running after ``timeout`` is cancelled."""
