@@ -23,7 +23,7 @@ from workers import tasks
 
 log = logging.getLogger("atelier.poller")
 
-IDLE_SECONDS = 0.1  # the longest pause between rounds (a callback's wake-up waits at most this)
+IDLE_SECONDS = 0.1  # the longest pause between rounds (a callback wakes the poller at once, via pub/sub)
 BUSY_SECONDS = 0.02  # between rounds while a budget holds back due polls
 BOARDS_REFRESH_SECONDS = 0.5  # a key's first poll may wait this long for its board to be seen
 # A popped poll's owner has the provider request's timeout plus this long before the sweeper steps in.
