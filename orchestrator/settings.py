@@ -6,7 +6,7 @@ not fit one environment variable::
     [providers.replicate]
     api_keys = ["r8_a...", "r8_b..."]
     base_url = "https://gateway.example.com/replicate"
-    typical_seconds = { image = 6, video = 120 }
+    typical_seconds = { image = 6, video = 120, "minimax/video-01" = 300 }  # per kind or per model
     job_timeout_seconds = 7200
     job_timeout_by_model = { "minimax/video-01" = 1800, "google/veo-*" = 5400 }
 

@@ -213,7 +213,9 @@ class Provider:
         return {}
 
     def typical_seconds(self, job: Job) -> float:
-        return self.settings.typical_seconds.get(job.kind.value, 60.0)
+        """The job's typical run time: its model's entry in ``typical_seconds``, else its kind's."""
+        typical = self.settings.typical_seconds
+        return typical[job.model] if job.model in typical else typical.get(job.kind.value, 60.0)
 
     @property
     def fetch_group_size(self) -> int:

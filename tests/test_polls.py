@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 
 import pytest
 from redis.asyncio import Redis
 
 from orchestrator.devstack import dev_stack
+from orchestrator.models import Job, JobInput, JobKind
 from orchestrator.polls import ON_BOARD_MARGIN, Board, PollBoard
-from orchestrator.schedule import CALLBACK_OFFSET, woken_rank
+from orchestrator.schedule import CALLBACK_OFFSET, poll_rank, woken_rank
+from providers.base import ProviderSettings
+from providers.replicate import ReplicateProvider
 from tests.helpers import api, submit, wait_for
 
 ACTIVE = "atl:test-active"
@@ -143,3 +147,20 @@ async def test_spare_budget_reads_jobs_before_their_schedule_within_their_share(
     taken = (await polls.take([b], lease=30, now=now))[0]
     assert [job for job, _ in taken.polls] == ["job_a", "job_b"]
     assert (await polls.take([Board(p, "k", rpm=60, burst=5, spare=False)], lease=30, now=now))[0].polls == []
+
+
+def test_typical_duration_and_poll_rank_per_model_else_per_kind():
+    provider = ReplicateProvider(ProviderSettings(name="replicate", base_url="http://x",
+                                                  typical_seconds={"video": 120, "minimax/video-01": 300}))
+    at = datetime(2026, 11, 25, tzinfo=UTC)
+
+    def job(model: str, **data: object) -> Job:
+        return Job(id="job_t", tenant="t", provider="replicate", kind=JobKind.video, model=model,
+                   input=JobInput(prompt="x"), timestamps={"submitted": at}, provider_data=dict(data))
+
+    assert provider.typical_seconds(job("minimax/video-01")) == 300
+    assert provider.typical_seconds(job("other/video")) == 120
+    assert poll_rank(provider, job("other/video")) == (at.timestamp() + 120) * 1000
+    # Expecting a callback: after every job that does not, however late.
+    late = poll_rank(provider, job("minimax/video-01"))
+    assert poll_rank(provider, job("other/video", callback_expected=True)) > late
