@@ -244,9 +244,10 @@ async def count_status(redis: Any, *statuses: str) -> int:
 
 
 async def in_progress(redis: Any) -> int:
+    """arq jobs being run (not counting arq's cron markers, which hold no slot)."""
     n = 0
-    async for _ in redis.scan_iter(match="arq:in-progress:*", count=5000):
-        n += 1
+    async for key in redis.scan_iter(match="arq:in-progress:*", count=5000):
+        n += b":cron:" not in key
     return n
 
 

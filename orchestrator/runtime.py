@@ -82,6 +82,8 @@ class Runtime:
     async def job_finished(self, job: Job) -> None:
         """A job reached a terminal state: drop its pending poll and free its provider slot."""
         await self.polls.forget(job.provider, job.key_id, job.id)
+        if job.key_id:
+            await self.throttle.leave_line(job.provider, job.key_id, job.id)
         await self.free_slot(job)
 
     async def free_slot(self, job: Job) -> None:

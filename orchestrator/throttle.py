@@ -71,6 +71,31 @@ end
 return 0
 """
 
+# A submission's turn on the key's request budget. GCRA as above; a job that must wait joins the key's
+# budget line (priority, then submission order) and is told to come back when its turn should come
+# (its place in line times the interval), so ten thousand waiting jobs retry about once each, not
+# every interval. The line only spreads the retries: whoever finds a free request takes it.
+# Returns {0} when the request may go now, else {milliseconds to wait, place in line}.
+_TURN = """
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
+if tat < now then tat = now end
+local allow_at = tat - burst
+if interval == 0 then allow_at = tat end
+if now >= allow_at then
+  if interval > 0 then
+    redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil(burst + 2 * interval))
+  end
+  redis.call('ZREM', KEYS[2], ARGV[4])
+  return {0, 0}
+end
+redis.call('ZADD', KEYS[2], 'NX', ARGV[5], ARGV[4])
+local place = redis.call('ZRANK', KEYS[2], ARGV[4])
+return {allow_at - now + place * interval, place}
+"""
+
 _PRIORITY_RANK = {Priority.high: 0, Priority.normal: 1, Priority.low: 2}
 
 
@@ -94,6 +119,7 @@ class Throttle:
         self._release = redis.register_script(_RELEASE)
         self._rate = redis.register_script(_RATE)
         self._pause = redis.register_script(_PAUSE)
+        self._turn = redis.register_script(_TURN)
 
     @staticmethod
     def inflight_key(provider: str, key_id: str) -> str:
@@ -125,6 +151,22 @@ class Throttle:
         heads = await self._release(keys=[self.inflight_key(provider, key_id), self.waiting_key(provider, key_id)],
                                     args=[job_id, cap])
         return [h.decode() if isinstance(h, bytes) else str(h) for h in heads]
+
+    @staticmethod
+    def line_key(provider: str, key_id: str) -> str:
+        """Jobs waiting for the key's request budget to submit (see ``_TURN``)."""
+        return f"{P}budgetline:{provider}:{key_id}"
+
+    async def turn(self, job: Job, key_id: str) -> tuple[float, int]:
+        """Spend one request of the key's budget for ``job``'s submission: ``(0, 0)`` if it may go now,
+        else (seconds until its turn should come, its place in the key's budget line)."""
+        interval, burst = self._interval_burst(job.provider)
+        wait, place = await self._turn(keys=[self.rate_key(job.provider, key_id), self.line_key(job.provider, key_id)],
+                                       args=[int(time.time() * 1000), interval, burst, job.id, queue_score(job)])
+        return max(0.0, float(wait)) / 1000, int(place)
+
+    async def leave_line(self, provider: str, key_id: str, job_id: str) -> None:
+        await self.redis.zrem(self.line_key(provider, key_id), job_id)
 
     @staticmethod
     def rate_key(provider: str, key_id: str) -> str:

@@ -66,6 +66,23 @@ async def test_request_budget_spreads_submissions(redis_url):
     assert "429" not in str(sim.stats.as_dict())
 
 
+async def test_jobs_waiting_for_the_budget_line_up_instead_of_retrying_every_interval(redis_url):
+    # 2 requests/s (burst 5) and 20 jobs at once: the last waits ~8 s for its turn. Each waiting job is
+    # told when its turn should come (its place in the key's budget line), so it records one
+    # "throttled" change, however many intervals it waits, and the jobs start in submission order.
+    async with dev_stack(redis_url=redis_url, replicate_rpm=120, poll_min_seconds=5,
+                         log_format="text") as stack, api(stack) as client:
+        ids = [(await submit(client, input={"prompt": f"p{i} [sim:run=0.2]"}))["id"] for i in range(20)]
+        jobs = [await wait_for(client, i, {"submitted", "running", "succeeded"}, timeout=40) for i in ids]
+        events = [(await client.get(f"/v1/jobs/{i}/events")).json() for i in ids]
+    throttled = [sum(1 for e in ev if (e.get("note") or "").startswith("throttled")) for ev in events]
+    assert max(throttled) <= 2, throttled
+    assert sum(1 for n in throttled if n) >= 10  # most had to wait
+    started = [j["timestamps"]["submitting"] for j in jobs]
+    inversions = sum(1 for a, b in zip(started, started[1:], strict=False) if a > b)
+    assert inversions <= 5, started
+
+
 async def test_key_that_submitted_is_the_key_that_polls(redis_url):
     async with dev_stack(redis_url=redis_url, replicate_api_key="r8_one,r8_two,r8_three",
                          log_format="text") as stack, api(stack) as client:

@@ -297,17 +297,24 @@ async def _within_limits(rt: Runtime, job: Job, key_id: str) -> bool:
         with contextlib.suppress(Conflict):
             await rt.jobs.change(job, phase="throttled", key_id=key_id, note=note, active_at=time.time() + grace)
         return False
-    wait = await rt.throttle.wait_ms(job.provider, key_id) / 1000
+    wait, place = await rt.throttle.turn(job, key_id)
     if wait > 0:
-        note = f"throttled: {job.provider} request budget for this key; submitting in {wait:.1f}s"
-        try:
-            job = await rt.jobs.change(job, phase="throttled", key_id=key_id, note=note,
-                                       active_at=time.time() + wait + grace)
-        except Conflict:
-            return False
-        await rt.queue.submit(job.id, job.attempts, wait, tag=f":budget{job.version}")
+        at = time.time() + wait
+        if job.phase == "throttled" and (job.note or "").startswith(BUDGET_NOTE):
+            await rt.store.touch_active(job.id, at + grace)  # still in line: no new event per retry
+        else:
+            note = (f"{BUDGET_NOTE} of this {job.provider} key ({place} jobs ahead when it joined the line, "
+                    f"first try in {wait:.1f}s)")
+            try:
+                job = await rt.jobs.change(job, phase="throttled", key_id=key_id, note=note, active_at=at + grace)
+            except Conflict:
+                return False
+        await rt.queue.submit(job.id, job.attempts, wait, tag=f":budget{int(at * 1000)}")
         return False
     return True
+
+
+BUDGET_NOTE = "throttled: waiting for the request budget"
 
 
 async def _requeue(rt: Runtime, job: Job, exc: ProviderError, retry_after: float | None) -> None:
@@ -666,7 +673,7 @@ async def _repair_slots(rt: Runtime) -> int:
     """Free provider slots (and places in line) still held by finished jobs, e.g. after a crash
     between a job's last transition and the release of its slot."""
     freed = 0
-    for pattern in ("atl:inflight:*", "atl:waiting:*"):
+    for pattern in ("atl:inflight:*", "atl:waiting:*", "atl:budgetline:*"):
         async for raw_key in rt.redis.scan_iter(match=pattern, count=100):
             key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
             _, kind, provider, key_id = key.split(":", 3)
@@ -674,6 +681,11 @@ async def _repair_slots(rt: Runtime) -> int:
                        else await rt.redis.zrange(key, 0, 999))
             ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
             for job_id, job in zip(ids, await rt.store.get_many(ids), strict=True):
+                if kind == "budgetline":
+                    if job is None or job.status != S.queued:
+                        await rt.throttle.leave_line(provider, key_id, job_id)
+                        freed += 1
+                    continue
                 if job is None:
                     await rt.throttle.release(provider, key_id, job_id)
                     freed += 1
