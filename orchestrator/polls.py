@@ -99,22 +99,32 @@ for b = 0, (#KEYS - 1) / 4 - 1 do
     tokens = 0  -- no budget, but the key is paused (a provider's Retry-After)
   end
   local taken = {}
+  local function take(id, from)
+    local m = redis.call('HGET', meta, id)
+    redis.call('HDEL', meta, id)
+    redis.call('ZREM', from, id)
+    taken[#taken + 1] = id
+    taken[#taken + 1] = m and string.match(m, '^(%d+):') or '0'
+    redis.call('ZADD', active, 'XX', now + lease, id)
+  end
   if tokens > 0 then
-    local popped = redis.call('ZPOPMIN', ready, tokens * group)
-    for i = 1, #popped, 2 do
-      local id = popped[i]
-      local m = redis.call('HGET', meta, id)
-      redis.call('HDEL', meta, id)
-      local seq = m and string.match(m, '^(%d+):') or '0'
-      taken[#taken + 1] = id
-      taken[#taken + 1] = seq
-      redis.call('ZADD', active, 'XX', now + lease, id)
+    -- Jobs a callback woke (negative ranks) may use the whole allowance.
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', ready, '-inf', '(0', 'LIMIT', 0, tokens * group)) do
+      take(id, ready)
+    end
+    -- Scheduled polls leave half the burst to submissions: a job not yet submitted waits for nothing
+    -- but the budget, a waiting job's poll is only a check (and reads many jobs per request).
+    local reserve = 0
+    if interval > 0 then reserve = math.floor(burst / interval / 2) end
+    local left = (tokens - reserve) * group - #taken / 2
+    if left > 0 then
+      local popped = redis.call('ZRANGE', ready, 0, left - 1)
+      for _, id in ipairs(popped) do take(id, ready) end
+      left = left - #popped
     end
     -- Budget left over: read waiting jobs before their schedule says, earliest due first, but only
     -- those due within the time the budget needs to read every waiting job once (so no job is read
-    -- more often than its share), never jobs expecting a callback, and always leaving half the
-    -- burst to submissions and due polls.
-    local left = tokens * group - #popped / 2 - math.floor(burst / interval / 2) * group
+    -- more often than its share), and never jobs expecting a callback.
     if by_budget and left > 0 then
       local horizon = (redis.call('ZCARD', due) + redis.call('ZCARD', ready)) * interval / group
       local soon = redis.call('ZRANGEBYSCORE', due, '-inf', now + horizon, 'LIMIT', 0, left * 2)
@@ -123,11 +133,7 @@ for b = 0, (#KEYS - 1) / 4 - 1 do
         local m = redis.call('HGET', meta, id)
         local rank = m and tonumber(string.match(m, ':(.+)$')) or 0
         if rank < callback_offset then
-          redis.call('ZREM', due, id)
-          redis.call('HDEL', meta, id)
-          taken[#taken + 1] = id
-          taken[#taken + 1] = m and string.match(m, '^(%d+):') or '0'
-          redis.call('ZADD', active, 'XX', now + lease, id)
+          take(id, due)
           left = left - 1
         end
       end

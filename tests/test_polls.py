@@ -164,3 +164,18 @@ def test_typical_duration_and_poll_rank_per_model_else_per_kind():
     # Expecting a callback: after every job that does not, however late.
     late = poll_rank(provider, job("minimax/video-01"))
     assert poll_rank(provider, job("other/video", callback_expected=True)) > late
+
+
+async def test_scheduled_polls_leave_half_the_burst_to_submissions_woken_ones_do_not(board):
+    polls, redis, p = board
+    now = time.time()
+    for i in range(6):
+        await polls.put(p, "k", f"job_{i}", 1, now - 1, now * 1000 + i)
+    await polls.put(p, "k", "job_woken", 1, now, woken_rank(now))
+    b = Board(p, "k", rpm=60, burst=5, spare=False)  # 5 requests at once; 2 kept for submissions
+    taken = (await polls.take([b], lease=60, now=now))[0]
+    assert [job for job, _ in taken.polls] == ["job_woken", "job_0", "job_1"]
+    for i in range(6):
+        await polls.put(p, "k2", f"job_w{i}", 1, now, woken_rank(now - i))
+    woken = (await polls.take([Board(p, "k2", rpm=60, burst=5)], lease=60, now=now))[0]
+    assert len(woken.polls) == 5, "callbacks may use the whole allowance"
