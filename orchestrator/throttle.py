@@ -47,19 +47,6 @@ if free <= 0 then return {} end
 return redis.call('ZRANGE', KEYS[2], 0, free - 1)
 """
 
-# GCRA: returns 0 when a request may go now, else the milliseconds to wait.
-_RATE = """
-local now = tonumber(ARGV[1])
-local interval = tonumber(ARGV[2])
-local burst = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
-if tat < now then tat = now end
-local allow_at = tat - burst
-if now < allow_at then return allow_at - now end
-redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil(burst + 2 * interval))
-return 0
-"""
-
 # A provider's Retry-After: push the key's TAT forward (never back) so nothing goes before it.
 _PAUSE = """
 local target = tonumber(ARGV[1])
@@ -71,7 +58,9 @@ end
 return 0
 """
 
-# A submission's turn on the key's request budget. GCRA as above; a job that must wait joins the key's
+# One request of a key's request budget (GCRA: ``tat`` is the key's theoretical arrival time; a
+# pause (Retry-After) may have pushed it forward, which also holds back keys without an rpm).
+# For a submission (ARGV[4], a job id) a job that must wait joins the key's
 # budget line (priority, then submission order) and is told to come back when its turn should come
 # (its place in line times the interval), so ten thousand waiting jobs retry about once each, not
 # every interval. The line only spreads the retries: whoever finds a free request takes it.
@@ -91,6 +80,7 @@ if now >= allow_at then
   redis.call('ZREM', KEYS[2], ARGV[4])
   return {0, 0}
 end
+if ARGV[4] == '' then return {allow_at - now, 0} end
 redis.call('ZADD', KEYS[2], 'NX', ARGV[5], ARGV[4])
 local place = redis.call('ZRANK', KEYS[2], ARGV[4])
 return {allow_at - now + place * interval, place}
@@ -117,7 +107,6 @@ class Throttle:
         self.limits = limits
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
-        self._rate = redis.register_script(_RATE)
         self._pause = redis.register_script(_PAUSE)
         self._turn = redis.register_script(_TURN)
 
@@ -181,18 +170,15 @@ class Throttle:
         return interval, interval * max(0, limits.burst - 1)
 
     async def wait_ms(self, provider: str, key_id: str) -> int:
-        """Spend one request of the key's budget: 0 if it may go now, else how long to wait.
+        """Spend one request of the key's budget: 0 if it may go now, else how long to wait (a poll
+        outside the poll boards; submissions use ``turn``).
 
         Without a requests-per-minute limit only a pause (a provider's Retry-After) can hold a key back.
         """
         interval, burst = self._interval_burst(provider)
-        now = int(time.time() * 1000)
-        if not interval:
-            raw = await self.redis.get(self.rate_key(provider, key_id))
-            return max(0, math.ceil(float(raw) - now)) if raw else 0
-        wait = await self._rate(keys=[self.rate_key(provider, key_id)], args=[now, interval, burst])
-        return int(wait)
-
+        wait, _ = await self._turn(keys=[self.rate_key(provider, key_id), self.line_key(provider, key_id)],
+                                   args=[int(time.time() * 1000), interval, burst, "", 0])
+        return max(0, math.ceil(float(wait)))
     async def pause(self, provider: str, key_id: str, seconds: float) -> None:
         """Allow no request on the key for ``seconds`` (a provider's 429 with ``Retry-After``), shared by
         every worker: submits and polls of that key wait, not only the job that met the 429."""
