@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-faults lint typecheck check dev clean
+.PHONY: demo test test-faults lint typecheck imports check dev clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found (Python 3.11+ is required; set PYTHON=...)"; exit 1; }
@@ -31,7 +31,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-check: lint typecheck test
+imports: $(STAMP)  # the import contracts of docs/architecture.md ([tool.importlinter] in pyproject.toml)
+	$(BIN)/lint-imports
+
+check: lint typecheck imports test
 
 clean:
 	rm -rf $(VENV) .atelier .pytest_cache .mypy_cache .ruff_cache

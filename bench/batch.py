@@ -19,7 +19,7 @@ import time
 
 import httpx
 
-from orchestrator.devstack import dev_stack
+from orchestrator.cli.devstack import dev_stack
 
 
 async def main(items: int, workers: int) -> None:

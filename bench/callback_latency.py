@@ -48,11 +48,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from orchestrator.queue import connect
-from orchestrator.redis_server import RedisServer, free_port
-from orchestrator.tenants import create_api_key
+from orchestrator.infra.redis_server import RedisServer, free_port
+from orchestrator.store.queue import connect
+from orchestrator.store.tenants import create_api_key
+from orchestrator.wire.signing import verify
 from providers.sandbox.serve import serving
-from providers.signatures import verify
 
 
 @dataclass

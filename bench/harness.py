@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.redis_server import free_port
+from orchestrator.infra.redis_server import free_port
 
 CLI = [sys.executable, "-m", "orchestrator.cli"]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

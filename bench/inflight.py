@@ -64,10 +64,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from orchestrator.queue import connect
-from orchestrator.redis_server import RedisServer, free_port
-from orchestrator.settings import Settings
-from orchestrator.tenants import create_api_key
+from orchestrator.infra.redis_server import RedisServer, free_port
+from orchestrator.infra.settings import Settings
+from orchestrator.store.queue import connect
+from orchestrator.store.tenants import create_api_key
 from providers.sandbox.base import SimConfig, SimTask, bearer
 from providers.sandbox.replicate import ReplicateSimulator
 from providers.sandbox.serve import serving
@@ -528,7 +528,7 @@ def noticed_at(raw: bytes | str | None) -> float | None:
     if raw is None:
         return None
     job = json.loads(raw)
-    seen = (job.get("provider_data") or {}).get("outputs_ready_at")
+    seen = job.get("outputs_ready_at", (job.get("provider_data") or {}).get("outputs_ready_at"))
     return float(seen) if seen is not None else None
 
 

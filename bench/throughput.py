@@ -47,9 +47,9 @@ from harness import (
     start_worker,
 )
 
-from orchestrator.queue import connect, dumps, loads
-from orchestrator.redis_server import RedisServer, free_port
-from orchestrator.tenants import create_api_key
+from orchestrator.infra.redis_server import RedisServer, free_port
+from orchestrator.store.queue import connect, dumps, loads
+from orchestrator.store.tenants import create_api_key
 
 ARQ_QUEUE = "bench:arq"
 

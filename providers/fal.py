@@ -6,15 +6,15 @@ Endpoints (``base_url`` defaults to ``https://queue.fal.run``; auth ``Authorizat
   input JSON. ``model_id`` is ``owner/app[/path...]`` (``fal-ai/flux/dev``) and keeps
   its sub-path here. The answer carries ``request_id`` and the ``status_url``,
   ``response_url`` and ``cancel_url`` to use from then on: they name only
-  ``owner/app`` (the sub-path is dropped), so they are stored in the job's
-  ``provider_data`` and never rebuilt unless fal left them out.
+  ``owner/app`` (the sub-path is dropped), so they are kept in the task state
+  (``FalTask``) and never rebuilt unless fal left them out.
 * ``GET {status_url}?logs=1`` -- ``IN_QUEUE`` (with 0-indexed ``queue_position``),
   ``IN_PROGRESS`` (with ``logs``), ``COMPLETED``. HTTP 202 until complete, then 200.
 * ``GET {response_url}`` -- the model's output (2xx) or the request's error.
 * ``PUT {cancel_url}`` -- ``CANCELLATION_REQUESTED`` (202), ``ALREADY_COMPLETED`` (400),
   ``NOT_FOUND`` (404).
 
-Status mapping: ``IN_QUEUE`` -> queued (``data["queue_position"]``), ``IN_PROGRESS`` ->
+Status mapping: ``IN_QUEUE`` -> queued (``queue_position``), ``IN_PROGRESS`` ->
 running (progress from tqdm / "Step i/N" log lines), ``COMPLETED`` -> the result
 decides: 2xx -> succeeded (``images[]``, ``image``, ``video``, ``audio``... every
 File-like object), an error -> failed with fal's ``error_type`` and ``detail``
@@ -48,27 +48,30 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from orchestrator.models import Job, JobKind, JobRequest, ProviderOutput
-from providers.base import (
-    AuthFailed,
+from providers.contract import (
     CallbackHint,
-    CallbackRejected,
     CallContext,
+    GenerationRequest,
+    MediaKind,
+    Provider,
+    ProviderOutput,
+    ProviderSettings,
+    SubmitResult,
+    TaskRef,
+    TaskState,
+    TaskStatus,
+)
+from providers.errors import (
+    AuthFailed,
+    CallbackRejected,
     InsufficientBalance,
     InvalidInput,
     MalformedResponse,
-    Provider,
-    ProviderSettings,
     Rejected,
-    SubmitResult,
-    TaskStatus,
     Unavailable,
-    expect_object,
-    parse_json,
-    raise_for_common_status,
-    send,
 )
 from providers.fal_webhooks import JwksVerifier
+from providers.http import expect_object, parse_json, raise_for_common_status, send
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,7 @@ _IMAGE_SIZE_PRESETS = {
 }
 # Result keys whose values are output media (File objects or bare URLs).
 _MEDIA_KEYS = ("images", "image", "videos", "video", "audio", "audios", "audio_file")
-_KIND_PREFIX = {JobKind.image: "image/", JobKind.video: "video/", JobKind.audio: "audio/"}
+_KIND_PREFIX = {MediaKind.image: "image/", MediaKind.video: "video/", MediaKind.audio: "audio/"}
 
 
 def app_id(model_id: str) -> str:
@@ -107,9 +110,9 @@ def normalize_model(model: str) -> str:
     return f"{legacy.group(1)}/{legacy.group(2)}" if legacy else model.strip("/")
 
 
-def fal_input(kind: JobKind, job_input: Any) -> dict[str, Any]:
+def fal_input(kind: MediaKind, job_input: Any) -> dict[str, Any]:
     """Map the common input fields to fal's usual names, then lay the native ``options`` over them."""
-    data = job_input.model_dump(mode="json", exclude_none=True, exclude={"options"})
+    data = job_input.fields()
     body: dict[str, Any] = {}
     for name in ("prompt", "negative_prompt", "image_url", "seed"):
         if name in data:
@@ -120,7 +123,7 @@ def fal_input(kind: JobKind, job_input: Any) -> dict[str, Any]:
         body["duration"] = str(int(seconds)) if seconds.is_integer() else str(seconds)
     ratio, resolution = data.get("aspect_ratio"), data.get("resolution")
     size = _WXH.match(resolution) if isinstance(resolution, str) else None
-    if kind == JobKind.image:
+    if kind == MediaKind.image:
         if size:
             body["image_size"] = {"width": int(size.group(1)), "height": int(size.group(2))}
         elif resolution:
@@ -140,9 +143,17 @@ def fal_input(kind: JobKind, job_input: Any) -> dict[str, Any]:
     return body
 
 
+class FalTask(TaskState):
+    """The request's URLs as fal returned them (they drop the model's sub-path: never rebuild them)."""
+
+    status_url: str | None = None
+    response_url: str | None = None
+    cancel_url: str | None = None
+
+
 class FalProvider(Provider):
     name = "fal"
-    kinds = frozenset({JobKind.image, JobKind.video, JobKind.audio})
+    kinds = frozenset({MediaKind.image, MediaKind.video, MediaKind.audio})
     supports_cancel = True
     supports_callbacks = True
     callback_auth = "signature"
@@ -163,7 +174,7 @@ class FalProvider(Provider):
         )
 
     # -- validation ---------------------------------------------------------------
-    def validate(self, request: JobRequest) -> None:
+    def validate(self, request: GenerationRequest) -> None:
         super().validate(request)
         model = normalize_model(request.model)
         parts = model.split("/")
@@ -173,16 +184,16 @@ class FalProvider(Provider):
         for key in inp.options:
             if not _OPTION_NAME.match(key):
                 raise InvalidInput(f"input.options.{key}", "fal input names are identifiers")
-        if kind == JobKind.image and inp.duration_seconds is not None:
+        if kind == MediaKind.image and inp.duration_seconds is not None:
             raise InvalidInput("input.duration_seconds", "fal image models have no duration")
-        if kind != JobKind.image and inp.num_outputs not in (None, 1):
+        if kind != MediaKind.image and inp.num_outputs not in (None, 1):
             raise InvalidInput("input.num_outputs", f"fal {kind.value} models return one file per request")
-        if kind == JobKind.audio:
+        if kind == MediaKind.audio:
             for name in ("aspect_ratio", "resolution"):
                 if getattr(inp, name) is not None:
                     raise InvalidInput(f"input.{name}", f"fal audio models have no {name}")
         size = _WXH.match(inp.resolution or "")
-        if kind == JobKind.image and size and inp.aspect_ratio:
+        if kind == MediaKind.image and size and inp.aspect_ratio:
             w, h = (int(g) for g in size.groups())
             rw, rh = (int(g) for g in inp.aspect_ratio.split(":"))
             if w == 0 or h == 0 or rh == 0 or abs(w / h - rw / rh) > 0.02 * (rw / rh):
@@ -199,12 +210,12 @@ class FalProvider(Provider):
         return {"Authorization": f"Key {ctx.api_key}", "User-Agent": "atelier", "Accept": "application/json"}
 
     # -- submit ---------------------------------------------------------------------
-    async def submit(self, ctx: CallContext, job: Job) -> SubmitResult:
-        model = normalize_model(job.model)
+    async def submit(self, ctx: CallContext, request: GenerationRequest) -> SubmitResult:
+        model = normalize_model(request.model)
         params = {"fal_webhook": ctx.callback_url} if ctx.callback_url else None
-        request = ctx.http.build_request("POST", f"{self.base_url}/{model}", params=params,
-                                         json=fal_input(job.kind, job.input), headers=self._headers(ctx))
-        response = await send(ctx.http, request, creates=True)
+        response = await send(ctx.http, ctx.http.build_request(
+            "POST", f"{self.base_url}/{model}", params=params, json=fal_input(request.kind, request.input),
+            headers=self._headers(ctx)), creates=True)
         if response.status_code >= 400:
             self._raise_refusal(response)
         body = expect_object(parse_json(response), "submit response")
@@ -212,13 +223,13 @@ class FalProvider(Provider):
         if not isinstance(request_id, str) or not request_id:
             raise MalformedResponse("fal accepted the request without a request_id", detail=body)
         fallback = f"{self.base_url}/{app_id(model)}/requests/{request_id}"
-        data = {
-            "status_url": self._own_url(body.get("status_url"), fallback + "/status"),
-            "response_url": self._own_url(body.get("response_url"), fallback),
-            "cancel_url": self._own_url(body.get("cancel_url"), fallback + "/cancel"),
-        }
+        state = FalTask(
+            status_url=self._own_url(body.get("status_url"), fallback + "/status"),
+            response_url=self._own_url(body.get("response_url"), fallback),
+            cancel_url=self._own_url(body.get("cancel_url"), fallback + "/cancel"),
+        )
         gateway_id = body.get("gateway_request_id")
-        return SubmitResult(task_id=request_id, status=str(body.get("status") or "IN_QUEUE"), data=data,
+        return SubmitResult(task_id=request_id, status=str(body.get("status") or "IN_QUEUE"), state=state,
                             request_id=gateway_id if isinstance(gateway_id, str) and gateway_id else None)
 
     def _own_url(self, url: Any, fallback: str) -> str:
@@ -243,25 +254,21 @@ class FalProvider(Provider):
             raise AuthFailed(f"fal refused the credentials (HTTP {status}): {message}", detail=detail,
                              status_code=status)
         if status in (400, 404, 422):
-            err = Rejected(f"fal refused the request: {message}", detail=detail, status_code=status)
-            if error_type == "content_policy_violation":
-                err.code = "content_policy_violation"
-            elif status == 404:
-                err.code = "model_not_found"
-            elif status == 422:
-                err.code = "provider_rejected_input"
-            raise err
+            code = ("content_policy_violation" if error_type == "content_policy_violation"
+                    else "model_not_found" if status == 404
+                    else "provider_rejected_input" if status == 422 else None)
+            raise Rejected(f"fal refused the request: {message}", code=code, detail=detail, status_code=status)
         raise_for_common_status(response, creates=True, detail=detail)
 
     # -- status and result -------------------------------------------------------------
-    def _urls(self, job: Job) -> tuple[str, str, str]:
-        data = job.provider_data
-        base = f"{self.base_url}/{app_id(normalize_model(job.model))}/requests/{job.provider_task_id}"
-        return (str(data.get("status_url") or base + "/status"), str(data.get("response_url") or base),
-                str(data.get("cancel_url") or base + "/cancel"))
+    def _urls(self, task: TaskRef) -> tuple[str, str, str]:
+        state = FalTask.of(task)
+        base = f"{self.base_url}/{app_id(normalize_model(task.request.model))}/requests/{task.task_id}"
+        return (state.status_url or base + "/status", state.response_url or base,
+                state.cancel_url or base + "/cancel")
 
-    async def fetch(self, ctx: CallContext, job: Job) -> TaskStatus:
-        status_url, response_url, _ = self._urls(job)
+    async def fetch(self, ctx: CallContext, task: TaskRef) -> TaskStatus:
+        status_url, response_url, _ = self._urls(task)
         request = ctx.http.build_request("GET", status_url, params={"logs": "1"}, headers=self._headers(ctx))
         response = await send(ctx.http, request)
         raise_for_common_status(response, detail=fal_error(response)[2] if response.status_code >= 400 else None)
@@ -273,7 +280,7 @@ class FalProvider(Provider):
             if body.get("error") or body.get("error_type"):
                 return _failed_status(raw, body.get("error_type"), str(body.get("error") or body.get("error_type")),
                                       {"error_type": body.get("error_type"), "error": body.get("error")})
-            return await self._result(ctx, job, response_url)
+            return await self._result(ctx, task, response_url)
         if raw in ("FAILED", "CANCELED", "CANCELLED"):  # third-party schemas only; not in fal's SDKs
             error_type = body.get("error_type") or ("client_cancelled" if raw != "FAILED" else None)
             return _failed_status(raw, error_type, str(body.get("error") or f"fal reports the request {raw}"),
@@ -285,19 +292,19 @@ class FalProvider(Provider):
         status = TaskStatus(state="queued" if state == "queued" else "running", raw_status=raw)
         if state == "queued":
             position = body.get("queue_position")
-            if isinstance(position, int):
-                status.data["queue_position"] = position
+            if isinstance(position, int) and not isinstance(position, bool):
+                status.queue_position = position
         else:
             status.progress = log_progress(body.get("logs"))
         return status
 
-    async def _result(self, ctx: CallContext, job: Job, response_url: str) -> TaskStatus:
+    async def _result(self, ctx: CallContext, task: TaskRef, response_url: str) -> TaskStatus:
         request = ctx.http.build_request("GET", response_url, headers=self._headers(ctx))
         response = await send(ctx.http, request)
         code = response.status_code
         if code < 400:
             result = expect_object(parse_json(response), "result")
-            return self.parse_result(job.kind, result)
+            return self.parse_result(task.request.kind, result)
         error_type, message, detail = fal_error(response)
         if code == 429 or code in (401, 403) or (code == 404 and not error_type):
             raise_for_common_status(response, detail=detail)
@@ -308,7 +315,7 @@ class FalProvider(Provider):
             raise Unavailable(f"fal answered HTTP {code} for the result", detail=detail, status_code=code)
         return _failed_status("COMPLETED", error_type, message, detail)
 
-    def parse_result(self, kind: JobKind, result: dict[str, Any]) -> TaskStatus:
+    def parse_result(self, kind: MediaKind, result: dict[str, Any]) -> TaskStatus:
         outputs = result_outputs(kind, result)
         if not outputs:
             return TaskStatus(state="failed", raw_status="COMPLETED", error_code="provider_no_output",
@@ -317,10 +324,8 @@ class FalProvider(Provider):
         return TaskStatus(state="succeeded", raw_status="COMPLETED", progress=100, outputs=outputs)
 
     # -- cancel -------------------------------------------------------------------------
-    async def cancel(self, ctx: CallContext, job: Job) -> bool:
-        if not job.provider_task_id:
-            return False
-        _, _, cancel_url = self._urls(job)
+    async def cancel(self, ctx: CallContext, task: TaskRef) -> bool:
+        _, _, cancel_url = self._urls(task)
         response = await send(ctx.http, ctx.http.build_request("PUT", cancel_url, headers=self._headers(ctx)))
         if response.status_code == 400 and _reply_status(response) == "ALREADY_COMPLETED":
             return True  # nothing left to stop
@@ -466,7 +471,7 @@ def _find_files(value: Any, path: tuple[str | int, ...], found: list[tuple[dict[
             _find_files(v, (*path, k), found)
 
 
-def result_outputs(kind: JobKind, result: dict[str, Any]) -> list[ProviderOutput]:
+def result_outputs(kind: MediaKind, result: dict[str, Any]) -> list[ProviderOutput]:
     """Every media file of a fal result, preferring those of the job's kind."""
     found: list[tuple[dict[str, Any], tuple[str | int, ...]]] = []
     _find_files(result, (), found)

@@ -24,7 +24,7 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from providers.base import CallbackRejected
+from providers.errors import CallbackRejected
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Kling video API (https://api-singapore.klingai.com), directly or through a new-api gateway.
 
 Endpoints (``{family}`` is ``text2video`` or ``image2video``, chosen by whether an image is
-given; each family is its own namespace, so the family is kept in ``provider_data``):
+given; each family is its own namespace, so the family is kept in the task state):
 
 * ``POST /v1/videos/{family}``: create. Body ``model_name, prompt, negative_prompt, duration``
   (a *string*), ``mode`` (std|pro), ``aspect_ratio`` (text2video only), ``cfg_scale``,
@@ -61,26 +61,35 @@ from urllib.parse import urlsplit
 import httpx
 import jwt
 
-from orchestrator.models import Job, JobInput, JobKind, JobRequest, ProviderOutput
-from providers.base import (
-    AuthFailed,
+from providers.contract import (
     CallbackHint,
-    CallbackRejected,
     CallContext,
+    GenerationRequest,
+    MediaInput,
+    MediaKind,
+    Provider,
+    ProviderOutput,
+    ProviderSettings,
+    ProviderState,
+    SubmitResult,
+    TaskRef,
+    TaskState,
+    TaskStatus,
+)
+from providers.errors import (
+    AuthFailed,
+    CallbackRejected,
     InsufficientBalance,
     InvalidInput,
     MalformedResponse,
     OutcomeUnknown,
-    Provider,
     ProviderError,
-    ProviderSettings,
-    ProviderState,
     RateLimited,
     Rejected,
-    SubmitResult,
     TaskNotFound,
-    TaskStatus,
     Unavailable,
+)
+from providers.http import (
     expect_object,
     gateway_quota_exhausted,
     parse_json,
@@ -131,12 +140,12 @@ _GATEWAY_STATES: dict[str, ProviderState] = {
 
 # -- request building (validation happens here, before anything is sent) ------------------
 
-def family_for(job_input: JobInput) -> str:
+def family_for(job_input: MediaInput) -> str:
     opts = job_input.options
     return IMAGE2VIDEO if job_input.image_url or opts.get("image") or opts.get("image_tail") else TEXT2VIDEO
 
 
-def kling_body(model: str, job_input: JobInput) -> tuple[str, dict[str, Any]]:
+def kling_body(model: str, job_input: MediaInput) -> tuple[str, dict[str, Any]]:
     """``(family, create body)`` for a job; raises ``InvalidInput`` naming the field."""
     family = family_for(job_input)
     models = T2V_MODELS if family == TEXT2VIDEO else I2V_MODELS
@@ -254,9 +263,16 @@ def _seconds(allowed: tuple[str, ...]) -> str:
 
 # -- the adapter ------------------------------------------------------------------------
 
+class KlingTask(TaskState):
+    """The API family the task lives in (each is its own namespace), and whether a gateway took it."""
+
+    family: str | None = None
+    gateway: bool | None = None
+
+
 class KlingProvider(Provider):
     name = "kling"
-    kinds = frozenset({JobKind.video})
+    kinds = frozenset({MediaKind.video})
     supports_cancel = False
     supports_callbacks = True
     callback_auth = "token"
@@ -294,25 +310,22 @@ class KlingProvider(Provider):
         return {"Authorization": f"Bearer {bearer}", "User-Agent": "atelier"}
 
     # -- validation -----------------------------------------------------------
-    def validate(self, request: JobRequest) -> None:
+    def validate(self, request: GenerationRequest) -> None:
         super().validate(request)
         kling_body(request.model, request.input)
 
     # -- the task ------------------------------------------------------------
-    async def submit(self, ctx: CallContext, job: Job) -> SubmitResult:
-        family, body = kling_body(job.model, job.input)
+    async def submit(self, ctx: CallContext, request: GenerationRequest) -> SubmitResult:
+        family, body = kling_body(request.model, request.input)
         gateway = self.gateway_mode(ctx)
-        body["external_task_id"] = job.id
+        body["external_task_id"] = request.reference
         if ctx.callback_url and not gateway:
             body["callback_url"] = ctx.callback_url
         url = f"{self.base_url}/v1/videos/{family}"
-        request = ctx.http.build_request("POST", url, json=body, headers=self._headers(ctx))
-        response = await send(ctx.http, request, creates=True)
+        response = await send(ctx.http, ctx.http.build_request("POST", url, json=body, headers=self._headers(ctx)),
+                              creates=True)
         payload = _json_or_error(response, creates=True)
         raise_for_error(response, payload, creates=True)
-        data: dict[str, Any] = {"family": family}
-        if gateway:
-            data["callback_expected"] = False  # a gateway never calls back: poll at the normal pace
         if isinstance(payload.get("code"), int):  # Kling's envelope
             task = expect_object(payload.get("data"), "task")
             task_id = task.get("task_id")
@@ -324,26 +337,28 @@ class KlingProvider(Provider):
             task_id = task.get("task_id") or task.get("id") or (inner if isinstance(inner, str) else None)
             status = task.get("status")
             request_id = None
-            data["gateway"] = True
         if not isinstance(task_id, str | int) or isinstance(task_id, bool) or not str(task_id):
             raise MalformedResponse("Kling created a task without a task_id", detail=payload)
+        # A gateway never calls back: poll at the normal pace.
         return SubmitResult(task_id=str(task_id), request_id=_str_or_none(request_id),
-                            status=None if status is None else str(status), data=data)
+                            status=None if status is None else str(status),
+                            state=KlingTask(family=family, gateway=not isinstance(payload.get("code"), int) or None),
+                            callback_expected=False if gateway else None)
 
-    async def fetch(self, ctx: CallContext, job: Job) -> TaskStatus:
-        family = str(job.provider_data.get("family") or family_for(job.input))
-        url = f"{self.base_url}/v1/videos/{family}/{job.provider_task_id}"
+    async def fetch(self, ctx: CallContext, task: TaskRef) -> TaskStatus:
+        family = KlingTask.of(task).family or family_for(task.request.input)
+        url = f"{self.base_url}/v1/videos/{family}/{task.task_id}"
         response = await send(ctx.http, ctx.http.build_request("GET", url, headers=self._headers(ctx)))
         payload = _json_or_error(response, creates=False)
         raise_for_error(response, payload, creates=False)
         return parse_task_response(payload)
 
-    async def reconcile(self, ctx: CallContext, job: Job, since: float) -> SubmitResult | None:
-        """Query the task by our ``external_task_id`` (the job id); gateways cannot do this."""
+    async def reconcile(self, ctx: CallContext, request: GenerationRequest, since: float) -> SubmitResult | None:
+        """Query the task by our ``external_task_id`` (the job's reference); gateways cannot do this."""
         if self.gateway_mode(ctx):
             return None
-        family = family_for(job.input)
-        url = f"{self.base_url}/v1/videos/{family}/{job.id}"
+        family = family_for(request.input)
+        url = f"{self.base_url}/v1/videos/{family}/{request.reference}"
         response = await send(ctx.http, ctx.http.build_request("GET", url, headers=self._headers(ctx)))
         payload = _json_or_error(response, creates=False)
         try:
@@ -355,10 +370,10 @@ class KlingProvider(Provider):
             return None
         info = task.get("task_info")
         external = info.get("external_task_id") if isinstance(info, dict) else None
-        if external not in (None, "", job.id):
+        if external not in (None, "", request.reference):
             return None
         return SubmitResult(task_id=str(task["task_id"]), request_id=_str_or_none(payload.get("request_id")),
-                            status=_str_or_none(task.get("task_status")), data={"family": family})
+                            status=_str_or_none(task.get("task_status")), state=KlingTask(family=family))
 
     async def verify_callback(self, ctx: CallContext, headers: Mapping[str, str], body: bytes) -> CallbackHint:
         """Kling signs nothing: the per-job token in the URL authenticates; this only parses."""
@@ -508,10 +523,8 @@ def raise_for_error(response: httpx.Response, payload: dict[str, Any], *, create
             raise InsufficientBalance(f"the gateway says the key's quota is used up: {error.get('message')}",
                                       detail=detail, status_code=response.status_code)
         if error.get("code") == "model_not_found":
-            err = Rejected(f"the gateway serves no channel for this model: {error.get('message')}",
-                           detail=detail, status_code=response.status_code)
-            err.code = "model_not_found"
-            raise err
+            raise Rejected(f"the gateway serves no channel for this model: {error.get('message')}",
+                           code="model_not_found", detail=detail, status_code=response.status_code)
         raise_for_common_status(response, creates=creates, detail=detail)
         raise Rejected(f"the gateway refused the request: {error.get('message')}", detail=detail,
                        status_code=response.status_code)
@@ -540,8 +553,7 @@ def kling_error(code: int, message: str, response: httpx.Response, *, creates: b
         if code == 5001 or not creates:
             return Unavailable(text, detail=detail, status_code=status)
         return OutcomeUnknown(f"{text} after a submission", detail=detail, status_code=status)
-    err = Rejected(text, detail=detail, status_code=status)
-    err.code = {
+    return Rejected(text, detail=detail, status_code=status, code={
         1100: "provider_account_error",
         1103: "provider_forbidden",
         1200: "provider_rejected_input",
@@ -549,8 +561,7 @@ def kling_error(code: int, message: str, response: httpx.Response, *, creates: b
         1203: "model_not_found",
         1300: "provider_policy",
         1301: "provider_content_filtered",
-    }.get(code, "provider_rejected")
-    return err
+    }.get(code, "provider_rejected"))
 
 
 def _gateway_error(code: str, message: str, response: httpx.Response, *, creates: bool,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from providers.base import Provider, ProviderSettings
+from providers.contract import Provider, ProviderSettings
 from providers.fal import FalProvider
 from providers.kling import KlingProvider
 from providers.replicate import ReplicateProvider

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-import json
+import binascii
 import logging
 import re
 from collections.abc import Mapping
@@ -21,31 +21,36 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from orchestrator.models import Job, JobKind, JobRequest, ProviderOutput
-from providers.base import (
+from providers.contract import (
     CallbackHint,
-    CallbackRejected,
     CallContext,
+    GenerationRequest,
+    MediaKind,
+    Provider,
+    ProviderOutput,
+    ProviderSettings,
+    SubmitResult,
+    TaskRef,
+    TaskStatus,
+)
+from providers.errors import (
+    CallbackRejected,
     InvalidInput,
     MalformedResponse,
-    Provider,
+    OutcomeUnknown,
     ProviderError,
-    ProviderSettings,
     Rejected,
-    SubmitResult,
-    TaskStatus,
-    expect_object,
-    parse_json,
-    raise_for_common_status,
-    send,
 )
-from providers.signatures import verify
+from providers.http import expect_object, parse_json, raise_for_common_status, send
 
 log = logging.getLogger(__name__)
 
 _MODEL = re.compile(r"^[a-z0-9][a-z0-9_.-]*/[a-z0-9][a-z0-9_.-]*$", re.IGNORECASE)
 _VERSIONED = re.compile(r"^(?:[a-z0-9][a-z0-9_.-]*/[a-z0-9][a-z0-9_.-]*:)?[0-9a-f]{64}$", re.IGNORECASE)
+# Pages of GET /v1/predictions a reconcile reads at most (100 predictions each).
+MAX_RECONCILE_PAGES = 50
 _TQDM = re.compile(r"^\s*(\d+)%\s*\|.+?\|\s*(\d+)/(\d+)", re.MULTILINE)
 
 _STATES = {
@@ -72,7 +77,7 @@ _FIELD_NAMES = {
 
 def replicate_input(job_input: Any) -> dict[str, Any]:
     """Map the common input fields, then lay the native ``options`` over them."""
-    data = job_input.model_dump(mode="json", exclude_none=True, exclude={"options"})
+    data = job_input.fields()
     mapped: dict[str, Any] = {}
     for common, value in data.items():
         if common == "duration_seconds" and float(value).is_integer():
@@ -102,7 +107,7 @@ def tqdm_progress(logs: Any) -> int | None:
 
 class ReplicateProvider(Provider):
     name = "replicate"
-    kinds = frozenset({JobKind.image, JobKind.video, JobKind.audio})
+    kinds = frozenset({MediaKind.image, MediaKind.video, MediaKind.audio})
     supports_cancel = True
     supports_callbacks = True
     callback_auth = "signature"
@@ -113,7 +118,7 @@ class ReplicateProvider(Provider):
         self._host = urlsplit(self.base_url).hostname or ""
         self._fetched_secret: str | None = None
 
-    def validate(self, request: JobRequest) -> None:
+    def validate(self, request: GenerationRequest) -> None:
         super().validate(request)
         if not (_MODEL.match(request.model) or _VERSIONED.match(request.model)):
             raise InvalidInput("model", "Replicate models are 'owner/name', 'owner/name:<version id>' "
@@ -125,25 +130,23 @@ class ReplicateProvider(Provider):
     def _headers(self, ctx: CallContext) -> dict[str, str]:
         return {"Authorization": f"Bearer {ctx.api_key}", "User-Agent": "atelier"}
 
-    async def submit(self, ctx: CallContext, job: Job) -> SubmitResult:
-        body: dict[str, Any] = {"input": replicate_input(job.input)}
-        if _VERSIONED.match(job.model):
+    async def submit(self, ctx: CallContext, request: GenerationRequest) -> SubmitResult:
+        body: dict[str, Any] = {"input": replicate_input(request.input)}
+        if _VERSIONED.match(request.model):
             url = f"{self.base_url}/v1/predictions"
-            body["version"] = job.model
+            body["version"] = request.model
         else:
-            url = f"{self.base_url}/v1/models/{job.model}/predictions"
+            url = f"{self.base_url}/v1/models/{request.model}/predictions"
         if ctx.callback_url:
             body["webhook"] = ctx.callback_url
             body["webhook_events_filter"] = ["start", "completed"]
-        request = ctx.http.build_request("POST", url, json=body, headers=self._headers(ctx))
-        response = await send(ctx.http, request, creates=True)
+        response = await send(ctx.http, ctx.http.build_request("POST", url, json=body, headers=self._headers(ctx)),
+                              creates=True)
         if response.status_code in (404, 422):
             detail = _problem(response)
-            code = "model_not_found" if response.status_code == 404 else "provider_rejected_input"
-            err = Rejected(f"Replicate refused the prediction: {detail.get('detail') or detail}",
+            raise Rejected(f"Replicate refused the prediction: {detail.get('detail') or detail}",
+                           code="model_not_found" if response.status_code == 404 else "provider_rejected_input",
                            detail=detail, status_code=response.status_code)
-            err.code = code
-            raise err
         raise_for_common_status(response, creates=True, detail=_problem(response))
         prediction = expect_object(parse_json(response), "prediction")
         task_id = prediction.get("id")
@@ -151,8 +154,8 @@ class ReplicateProvider(Provider):
             raise MalformedResponse("Replicate created a prediction without an id", detail=prediction)
         return SubmitResult(task_id=task_id, status=str(prediction.get("status")))
 
-    async def fetch(self, ctx: CallContext, job: Job) -> TaskStatus:
-        url = f"{self.base_url}/v1/predictions/{job.provider_task_id}"
+    async def fetch(self, ctx: CallContext, task: TaskRef) -> TaskStatus:
+        url = f"{self.base_url}/v1/predictions/{task.task_id}"
         response = await send(ctx.http, ctx.http.build_request("GET", url, headers=self._headers(ctx)))
         raise_for_common_status(response, detail=_problem(response))
         return self.parse_prediction(expect_object(parse_json(response), "prediction"))
@@ -186,42 +189,57 @@ class ReplicateProvider(Provider):
             status.error_message = f"Replicate reports the prediction {raw}"
         return status
 
-    async def cancel(self, ctx: CallContext, job: Job) -> bool:
-        if not job.provider_task_id:
-            return False
-        url = f"{self.base_url}/v1/predictions/{job.provider_task_id}/cancel"
+    async def cancel(self, ctx: CallContext, task: TaskRef) -> bool:
+        url = f"{self.base_url}/v1/predictions/{task.task_id}/cancel"
         response = await send(ctx.http, ctx.http.build_request("POST", url, headers=self._headers(ctx)))
         raise_for_common_status(response, detail=_problem(response))
         return True
 
-    async def reconcile(self, ctx: CallContext, job: Job, since: float) -> SubmitResult | None:
-        """Look for a prediction with exactly our input, created since the attempt began."""
+    async def reconcile(self, ctx: CallContext, request: GenerationRequest, since: float) -> SubmitResult | None:
+        """Look for a prediction with exactly our input, created since the attempt began, on every
+        page of the window (newest first: a busy account can put the match past the first 100)."""
         after = datetime.fromtimestamp(since, UTC) - timedelta(seconds=5)
-        url = f"{self.base_url}/v1/predictions"
-        params = {"created_after": after.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
-        request = ctx.http.build_request("GET", url, params=params, headers=self._headers(ctx))
-        response = await send(ctx.http, request)
-        raise_for_common_status(response, detail=_problem(response))
-        page = expect_object(parse_json(response), "prediction list")
-        wanted = replicate_input(job.input)
-        model = job.model.split(":")[0]
-        for prediction in page.get("results") or []:
-            if not isinstance(prediction, dict):
-                continue
-            same_model = _VERSIONED.match(job.model) or prediction.get("model") in (model, None)
-            if prediction.get("input") == wanted and same_model and isinstance(prediction.get("id"), str):
-                return SubmitResult(task_id=prediction["id"], status=str(prediction.get("status")))
-        return None
+        url: str | None = f"{self.base_url}/v1/predictions"
+        params: dict[str, str] | None = {"created_after": after.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+        wanted = replicate_input(request.input)
+        model = request.model.split(":")[0]
+        for _ in range(MAX_RECONCILE_PAGES):
+            if url is None:
+                return None
+            response = await send(ctx.http, ctx.http.build_request("GET", url, params=params,
+                                                                     headers=self._headers(ctx)))
+            raise_for_common_status(response, detail=_problem(response))
+            page = expect_object(parse_json(response), "prediction list")
+            for prediction in page.get("results") or []:
+                if not isinstance(prediction, dict):
+                    continue
+                same_model = _VERSIONED.match(request.model) or prediction.get("model") in (model, None)
+                if prediction.get("input") == wanted and same_model and isinstance(prediction.get("id"), str):
+                    return SubmitResult(task_id=prediction["id"], status=str(prediction.get("status")))
+            url, params = self._next_page(page.get("next")), None
+        raise OutcomeUnknown(f"more than {MAX_RECONCILE_PAGES} pages of predictions since the submission; "
+                             "Atelier stopped looking")
+
+    def _next_page(self, link: Any) -> str | None:
+        """The ``next`` link, if it stays on the API host our key belongs to."""
+        if not isinstance(link, str) or not link:
+            return None
+        if (urlsplit(link).hostname or "") != self._host:
+            log.warning("replicate: a 'next' link to another host was not followed")
+            return None
+        return link
 
     async def verify_callback(self, ctx: CallContext, headers: Mapping[str, str], body: bytes) -> CallbackHint:
         """Replicate signs webhooks per Standard Webhooks with the account's ``whsec_`` secret."""
         secret = await self._webhook_secret(ctx)
-        if not verify(secret, headers, body):
-            raise CallbackRejected("Replicate webhook signature or timestamp did not verify")
+        stamp = next((v for k, v in headers.items() if k.lower() == "webhook-timestamp"), "")
+        if not stamp.isdigit() or len(stamp) > 12:
+            raise CallbackRejected("Replicate webhook timestamp is missing or not a Unix time")
         try:
-            prediction = json.loads(body)
-        except ValueError as exc:
-            raise CallbackRejected("Replicate webhook body is not JSON") from exc
+            # The reference implementation of Standard Webhooks (5 minutes' tolerance).
+            prediction = Webhook(secret).verify(body, dict(headers))
+        except (WebhookVerificationError, ValueError, binascii.Error) as exc:  # bad base64, bad JSON, ...
+            raise CallbackRejected("Replicate webhook signature, timestamp or body did not verify") from exc
         if not isinstance(prediction, dict) or not isinstance(prediction.get("id"), str):
             raise CallbackRejected("Replicate webhook body is not a prediction")
         return CallbackHint(task_id=prediction["id"], raw_status=str(prediction.get("status")))

@@ -52,23 +52,21 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from orchestrator.models import Job, JobInput, JobKind, JobRequest, ProviderOutput
-from providers.base import (
+from providers.contract import (
     CallContext,
-    InsufficientBalance,
-    InvalidInput,
-    MalformedResponse,
+    GenerationRequest,
+    MediaInput,
+    MediaKind,
     Provider,
+    ProviderOutput,
     ProviderState,
-    Rejected,
     SubmitResult,
-    TaskNotFound,
+    TaskRef,
+    TaskState,
     TaskStatus,
-    expect_object,
-    parse_json,
-    raise_for_common_status,
-    send,
 )
+from providers.errors import InsufficientBalance, InvalidInput, MalformedResponse, Rejected, TaskNotFound
+from providers.http import expect_object, parse_json, raise_for_common_status, send
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +124,7 @@ _STATES: dict[str, ProviderState] = {
 
 # -- request building (validation happens here, before anything is sent) ------------------
 
-def runway_request(model: str, job_input: JobInput) -> tuple[str, dict[str, Any]]:
+def runway_request(model: str, job_input: MediaInput) -> tuple[str, dict[str, Any]]:
     """``(endpoint, create body)``; raises ``InvalidInput`` naming the offending field."""
     opts = dict(job_input.options)
     for key in opts:
@@ -296,9 +294,15 @@ def _durations(spec: ModelSpec) -> str:
 
 # -- the adapter ------------------------------------------------------------------------
 
+class RunwayTask(TaskState):
+    """The endpoint that created the task (kept for support requests; Runway reads every task at one URL)."""
+
+    endpoint: str | None = None
+
+
 class RunwayProvider(Provider):
     name = "runway"
-    kinds = frozenset({JobKind.video})
+    kinds = frozenset({MediaKind.video})
     supports_cancel = True
     supports_callbacks = False
     retention = "output URLs expire within 24-48 hours (fetching the task again mints fresh ones)"
@@ -307,33 +311,31 @@ class RunwayProvider(Provider):
         version = str(self.settings.extra.get("version") or API_VERSION)
         return {"Authorization": f"Bearer {ctx.api_key}", "X-Runway-Version": version, "User-Agent": "atelier"}
 
-    def validate(self, request: JobRequest) -> None:
+    def validate(self, request: GenerationRequest) -> None:
         super().validate(request)
         runway_request(request.model, request.input)
 
-    async def submit(self, ctx: CallContext, job: Job) -> SubmitResult:
-        endpoint, body = runway_request(job.model, job.input)
+    async def submit(self, ctx: CallContext, request: GenerationRequest) -> SubmitResult:
+        endpoint, body = runway_request(request.model, request.input)
         url = f"{self.base_url}/v1/{endpoint}"
-        request = ctx.http.build_request("POST", url, json=body, headers=self._headers(ctx))
-        response = await send(ctx.http, request, creates=True)
+        response = await send(ctx.http, ctx.http.build_request("POST", url, json=body, headers=self._headers(ctx)),
+                              creates=True)
         _raise_for_status(response, creates=True)
         created = expect_object(parse_json(response), "task")
         task_id = created.get("id")
         if not isinstance(task_id, str) or not task_id:
             raise MalformedResponse("Runway created a task without an id", detail=created)
         return SubmitResult(task_id=task_id, request_id=response.headers.get("apigw-requestid"),
-                            data={"endpoint": endpoint})
+                            state=RunwayTask(endpoint=endpoint))
 
-    async def fetch(self, ctx: CallContext, job: Job) -> TaskStatus:
-        url = f"{self.base_url}/v1/tasks/{job.provider_task_id}"
+    async def fetch(self, ctx: CallContext, task: TaskRef) -> TaskStatus:
+        url = f"{self.base_url}/v1/tasks/{task.task_id}"
         response = await send(ctx.http, ctx.http.build_request("GET", url, headers=self._headers(ctx)))
         _raise_for_status(response, creates=False)
         return parse_task(expect_object(parse_json(response), "task"))
 
-    async def cancel(self, ctx: CallContext, job: Job) -> bool:
-        if not job.provider_task_id:
-            return False
-        url = f"{self.base_url}/v1/tasks/{job.provider_task_id}"
+    async def cancel(self, ctx: CallContext, task: TaskRef) -> bool:
+        url = f"{self.base_url}/v1/tasks/{task.task_id}"
         response = await send(ctx.http, ctx.http.build_request("DELETE", url, headers=self._headers(ctx)))
         try:
             _raise_for_status(response, creates=False)
@@ -341,7 +343,7 @@ class RunwayProvider(Provider):
             return True  # already gone at Runway: nothing is running there
         return True
 
-    async def reconcile(self, ctx: CallContext, job: Job, since: float) -> SubmitResult | None:
+    async def reconcile(self, ctx: CallContext, request: GenerationRequest, since: float) -> SubmitResult | None:
         """Runway has neither idempotency keys nor a task list: an ambiguous create cannot be found."""
         return None
 
@@ -388,9 +390,8 @@ def _raise_for_status(response: httpx.Response, *, creates: bool) -> None:
     if response.status_code == 400:
         if "credit" in message.lower():
             raise InsufficientBalance(f"Runway: {message}", detail=detail, status_code=400)
-        err = Rejected(f"Runway refused the request: {message}", detail=detail, status_code=400)
-        err.code = "provider_rejected_input"
-        raise err
+        raise Rejected(f"Runway refused the request: {message}", code="provider_rejected_input", detail=detail,
+                       status_code=400)
     raise_for_common_status(response, creates=creates, detail=detail)
 
 

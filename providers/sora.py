@@ -37,24 +37,20 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from orchestrator.models import Job, JobInput, JobKind, JobRequest, ProviderOutput
-from providers.base import (
+from providers.contract import (
     CallContext,
-    InsufficientBalance,
-    InvalidInput,
-    MalformedResponse,
+    GenerationRequest,
+    MediaInput,
+    MediaKind,
     Provider,
+    ProviderOutput,
     ProviderSettings,
-    RateLimited,
-    Rejected,
     SubmitResult,
+    TaskRef,
     TaskStatus,
-    expect_object,
-    parse_json,
-    raise_for_common_status,
-    retry_after_seconds,
-    send,
 )
+from providers.errors import InsufficientBalance, InvalidInput, MalformedResponse, RateLimited, Rejected
+from providers.http import expect_object, parse_json, raise_for_common_status, retry_after_seconds, send
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +88,7 @@ def _is_pro(model: str) -> bool:
 
 class SoraProvider(Provider):
     name = "sora"
-    kinds = frozenset({JobKind.video})
+    kinds = frozenset({MediaKind.video})
     supports_cancel = False
     supports_callbacks = False
     retention = "downloads expire at expires_at (at most 1 hour after generation)"
@@ -112,13 +108,13 @@ class SoraProvider(Provider):
             return SIZES
         return SIZES + PRO_SIZES + (HD_SIZES if self._extended else ())
 
-    def validate(self, request: JobRequest) -> None:
+    def validate(self, request: GenerationRequest) -> None:
         super().validate(request)
         if not _MODEL.match(request.model):
             raise InvalidInput("model", "Sora models are 'sora-2', 'sora-2-pro' or a dated snapshot of them")
         self.build_body(request.model, request.input)
 
-    def build_body(self, model: str, job_input: JobInput) -> dict[str, Any]:
+    def build_body(self, model: str, job_input: MediaInput) -> dict[str, Any]:
         """The create body for ``job_input``; raises ``InvalidInput`` naming the field."""
         if not job_input.prompt:
             raise InvalidInput("input.prompt", "Sora needs a prompt")
@@ -143,7 +139,7 @@ class SoraProvider(Provider):
             body["input_reference"] = reference
         return body
 
-    def _seconds(self, job_input: JobInput) -> str | None:
+    def _seconds(self, job_input: MediaInput) -> str | None:
         allowed = self.allowed_seconds()
         listed = ", ".join(allowed)
         if "seconds" in job_input.options:
@@ -159,7 +155,7 @@ class SoraProvider(Provider):
             raise InvalidInput("input.duration_seconds", f"Sora renders {listed} seconds, not {duration:g}")
         return text
 
-    def _size(self, model: str, job_input: JobInput) -> str | None:
+    def _size(self, model: str, job_input: MediaInput) -> str | None:
         allowed = self.allowed_sizes(model)
         listed = ", ".join(allowed)
         aspect = job_input.aspect_ratio
@@ -190,7 +186,7 @@ class SoraProvider(Provider):
             raise InvalidInput("input.resolution", f"{model} renders sizes {listed}, not {size}")
         return size
 
-    def _reference(self, job_input: JobInput) -> dict[str, Any] | None:
+    def _reference(self, job_input: MediaInput) -> dict[str, Any] | None:
         if "input_reference" in job_input.options:
             ref = job_input.options["input_reference"]
             keys = [k for k in ("image_url", "file_id") if isinstance(ref, dict) and isinstance(ref.get(k), str)]
@@ -208,11 +204,10 @@ class SoraProvider(Provider):
     def _headers(self, ctx: CallContext) -> dict[str, str]:
         return {"Authorization": f"Bearer {ctx.api_key}", "User-Agent": "atelier"}
 
-    async def submit(self, ctx: CallContext, job: Job) -> SubmitResult:
-        body = self.build_body(job.model, job.input)
-        request = ctx.http.build_request("POST", f"{self.base_url}/v1/videos", json=body,
-                                         headers=self._headers(ctx))
-        response = await send(ctx.http, request, creates=True)
+    async def submit(self, ctx: CallContext, request: GenerationRequest) -> SubmitResult:
+        body = self.build_body(request.model, request.input)
+        response = await send(ctx.http, ctx.http.build_request("POST", f"{self.base_url}/v1/videos", json=body,
+                                                                 headers=self._headers(ctx)), creates=True)
         _raise_for_error(response, creates=True)
         video = expect_object(parse_json(response), "video")
         task_id = _video_id(video)
@@ -221,8 +216,8 @@ class SoraProvider(Provider):
         return SubmitResult(task_id=task_id, request_id=response.headers.get("x-request-id"),
                             status=str(video.get("status")))
 
-    async def fetch(self, ctx: CallContext, job: Job) -> TaskStatus:
-        url = f"{self.base_url}/v1/videos/{job.provider_task_id}"
+    async def fetch(self, ctx: CallContext, task: TaskRef) -> TaskStatus:
+        url = f"{self.base_url}/v1/videos/{task.task_id}"
         response = await send(ctx.http, ctx.http.build_request("GET", url, headers=self._headers(ctx)))
         _raise_for_error(response)
         status = self.parse_video(expect_object(parse_json(response), "video"))
@@ -265,22 +260,21 @@ class SoraProvider(Provider):
     def content_url(self, task_id: str) -> str:
         return f"{self.base_url}/v1/videos/{task_id}/content"
 
-    async def cancel(self, ctx: CallContext, job: Job) -> bool:
+    async def cancel(self, ctx: CallContext, task: TaskRef) -> bool:
         """OpenAI has no cancel endpoint (``DELETE`` only removes completed or failed videos)."""
         return False
 
-    async def reconcile(self, ctx: CallContext, job: Job, since: float) -> SubmitResult | None:
+    async def reconcile(self, ctx: CallContext, request: GenerationRequest, since: float) -> SubmitResult | None:
         """Find a video created since the attempt began with our prompt, model, seconds and size."""
-        wanted = self.build_body(job.model, job.input)
+        wanted = self.build_body(request.model, request.input)
         after: str | None = None
         candidates: list[dict[str, Any]] = []
         for _ in range(LIST_MAX_PAGES):
             params: dict[str, str | int] = {"order": "desc", "limit": LIST_PAGE}
             if after:
                 params["after"] = after
-            request = ctx.http.build_request("GET", f"{self.base_url}/v1/videos", params=params,
-                                             headers=self._headers(ctx))
-            response = await send(ctx.http, request)
+            response = await send(ctx.http, ctx.http.build_request("GET", f"{self.base_url}/v1/videos",
+                                                                     params=params, headers=self._headers(ctx)))
             _raise_for_error(response)
             page = expect_object(parse_json(response), "video list")
             data = page.get("data")
@@ -373,8 +367,7 @@ def _raise_for_error(response: httpx.Response, *, creates: bool = False) -> None
         retry = _poll_after(retry_ms) if retry_ms else retry_after_seconds(response.headers)
         raise RateLimited("Sora rate limit (HTTP 429)", retry_after=retry, detail=error)
     if creates and status in (400, 404, 409, 422):
-        err = Rejected(f"Sora refused the video: {message}", detail=error, status_code=status)
-        err.code = ("provider_content_filtered" if "moderation" in code
-                    else "model_not_found" if code == "model_not_found" else "provider_rejected_input")
-        raise err
+        raise Rejected(f"Sora refused the video: {message}", detail=error, status_code=status,
+                       code=("provider_content_filtered" if "moderation" in code
+                             else "model_not_found" if code == "model_not_found" else "provider_rejected_input"))
     raise_for_common_status(response, creates=creates, detail=error)

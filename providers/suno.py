@@ -62,26 +62,35 @@ from typing import Any, ClassVar
 
 import httpx
 
-from orchestrator.models import Job, JobInput, JobKind, JobRequest, ProviderOutput
-from providers.base import (
-    AuthFailed,
+from providers.contract import (
     CallbackHint,
-    CallbackRejected,
     CallContext,
+    GenerationRequest,
+    MediaInput,
+    MediaKind,
+    Provider,
+    ProviderOutput,
+    ProviderSettings,
+    ProviderState,
+    SubmitResult,
+    TaskRef,
+    TaskState,
+    TaskStatus,
+)
+from providers.errors import (
+    AuthFailed,
+    CallbackRejected,
     InsufficientBalance,
     InvalidInput,
     MalformedResponse,
     OutcomeUnknown,
-    Provider,
     ProviderError,
-    ProviderSettings,
-    ProviderState,
     RateLimited,
     Rejected,
-    SubmitResult,
     TaskNotFound,
-    TaskStatus,
     Unavailable,
+)
+from providers.http import (
     expect_object,
     gateway_quota_exhausted,
     parse_json,
@@ -170,7 +179,7 @@ class SunoParams:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-def suno_params(flavor: str, job_input: JobInput, model: str) -> SunoParams:
+def suno_params(flavor: str, job_input: MediaInput, model: str) -> SunoParams:
     """Validate ``job_input``/``model`` for ``flavor``; raises ``InvalidInput`` naming the field."""
     for name, why in _UNSUPPORTED.items():
         if getattr(job_input, name) is not None:
@@ -378,9 +387,15 @@ def _percent(value: Any) -> int | None:
 
 # -- the adapter -----------------------------------------------------------------------------
 
+class SunoTask(TaskState):
+    """The flavour (gateway or sunoapi) the task was submitted through: only that one can read it."""
+
+    flavor: str | None = None
+
+
 class SunoProvider(Provider):
     name = "suno"
-    kinds = frozenset({JobKind.audio})
+    kinds = frozenset({MediaKind.audio})
     supports_cancel = False
     callback_auth = "token"
     retention = ("sunoapi.org: 14 days (some pages say 15); gateway: whatever the upstream CDN keeps "
@@ -403,30 +418,30 @@ class SunoProvider(Provider):
     def fetch_group_size(self) -> int:
         return self.batch_fetch_size if self.flavor == "gateway" else 1
 
-    def validate(self, request: JobRequest) -> None:
+    def validate(self, request: GenerationRequest) -> None:
         super().validate(request)
         suno_params(self.flavor, request.input, request.model)
 
     def _headers(self, ctx: CallContext) -> dict[str, str]:
         return {"Authorization": f"Bearer {ctx.api_key}", "User-Agent": "atelier"}
 
-    def _check_flavor(self, job: Job) -> None:
-        submitted = job.provider_data.get("flavor")
+    def _check_flavor(self, task: TaskRef) -> None:
+        submitted = SunoTask.of(task).flavor
         if submitted and submitted != self.flavor:
             raise Rejected(f"this task was submitted through the Suno {submitted} flavour, "
                            f"but ATELIER_SUNO_FLAVOR is now {self.flavor}")
 
     # -- submit ------------------------------------------------------------------------
-    async def submit(self, ctx: CallContext, job: Job) -> SubmitResult:
-        params = suno_params(self.flavor, job.input, job.model)
+    async def submit(self, ctx: CallContext, request: GenerationRequest) -> SubmitResult:
+        params = suno_params(self.flavor, request.input, request.model)
         if self.flavor == "sunoapi":
             url = f"{self.base_url}/api/v1/generate"
             body = sunoapi_body(params, ctx.callback_url)
         else:
             url = f"{self.base_url}/suno/submit/music"
             body = gateway_body(params)
-        request = ctx.http.build_request("POST", url, json=body, headers=self._headers(ctx))
-        response = await send(ctx.http, request, creates=True)
+        response = await send(ctx.http, ctx.http.build_request("POST", url, json=body, headers=self._headers(ctx)),
+                              creates=True)
         if self.flavor == "sunoapi":
             data = expect_object(_sunoapi_data(response, creates=True), "generate response data")
             task_id = data.get("taskId")
@@ -435,12 +450,12 @@ class SunoProvider(Provider):
         if not isinstance(task_id, str) or not task_id:
             raise MalformedResponse("Suno accepted the submission without a task id",
                                     detail={"body": response.text[:300]})
-        return SubmitResult(task_id=task_id, data={"flavor": self.flavor})
+        return SubmitResult(task_id=task_id, state=SunoTask(flavor=self.flavor))
 
     # -- fetch -------------------------------------------------------------------------
-    async def fetch(self, ctx: CallContext, job: Job) -> TaskStatus:
-        self._check_flavor(job)
-        task_id = job.provider_task_id or ""
+    async def fetch(self, ctx: CallContext, task: TaskRef) -> TaskStatus:
+        self._check_flavor(task)
+        task_id = task.task_id
         if self.flavor == "sunoapi":
             url = f"{self.base_url}/api/v1/generate/record-info"
             request = ctx.http.build_request("GET", url, params={"taskId": task_id}, headers=self._headers(ctx))
@@ -450,7 +465,7 @@ class SunoProvider(Provider):
         response = await send(ctx.http, ctx.http.build_request("GET", url, headers=self._headers(ctx)))
         return self.parse_task(expect_object(_gateway_data(response, creates=False), "task"))
 
-    async def fetch_many(self, ctx: CallContext, jobs: list[Job]) -> dict[str, TaskStatus]:
+    async def fetch_many(self, ctx: CallContext, tasks: list[TaskRef]) -> dict[str, TaskStatus]:
         """Statuses of many tasks, keyed by provider task id (all submitted with ``ctx.api_key``).
 
         Gateway: ``POST /suno/fetch`` in chunks of ``batch_fetch_size``. sunoapi: one fetch each.
@@ -459,18 +474,15 @@ class SunoProvider(Provider):
         """
         result: dict[str, TaskStatus] = {}
         if self.flavor != "gateway":
-            for job in jobs:
-                if not job.provider_task_id:
-                    continue
+            for task in tasks:
                 try:
-                    result[job.provider_task_id] = await self.fetch(ctx, job)
+                    result[task.task_id] = await self.fetch(ctx, task)
                 except (AuthFailed, InsufficientBalance):
                     raise
                 except (TaskNotFound, MalformedResponse, Rejected):
                     continue
             return result
-        ids = list(dict.fromkeys(j.provider_task_id for j in jobs
-                                 if j.provider_task_id and j.provider_data.get("flavor", "gateway") == "gateway"))
+        ids = list(dict.fromkeys(t.task_id for t in tasks if (SunoTask.of(t).flavor or "gateway") == "gateway"))
         url = f"{self.base_url}/suno/fetch"
         size = max(1, self.batch_fetch_size)
         for start in range(0, len(ids), size):

@@ -46,26 +46,28 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from orchestrator.models import Job, JobInput, JobKind, JobRequest, ProviderOutput
-from providers.base import (
-    AuthFailed,
+from providers.contract import (
     CallContext,
+    GenerationRequest,
+    MediaInput,
+    MediaKind,
+    Provider,
+    ProviderOutput,
+    ProviderSettings,
+    SubmitResult,
+    TaskRef,
+    TaskStatus,
+)
+from providers.errors import (
+    AuthFailed,
     InsufficientBalance,
     InvalidInput,
     MalformedResponse,
-    Provider,
-    ProviderSettings,
     RateLimited,
     Rejected,
-    SubmitResult,
-    TaskStatus,
     Unavailable,
-    expect_object,
-    parse_json,
-    raise_for_common_status,
-    retry_after_seconds,
-    send,
 )
+from providers.http import expect_object, parse_json, raise_for_common_status, retry_after_seconds, send
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ class VeoRequest:
 
 class VeoProvider(Provider):
     name = "veo"
-    kinds = frozenset({JobKind.video})
+    kinds = frozenset({MediaKind.video})
     supports_cancel = False
     supports_callbacks = False
     retention = "2 days (generated files are removed from the server)"
@@ -135,11 +137,11 @@ class VeoProvider(Provider):
         self._origin = (parts.scheme, parts.hostname or "", parts.port)
 
     # -- validation ----------------------------------------------------------------------
-    def validate(self, request: JobRequest) -> None:
+    def validate(self, request: GenerationRequest) -> None:
         super().validate(request)
         self.build(request.model, request.input)
 
-    def build(self, model: str, job_input: JobInput) -> VeoRequest:
+    def build(self, model: str, job_input: MediaInput) -> VeoRequest:
         """The predictLongRunning request for ``job_input``; raises ``InvalidInput`` naming the field."""
         rules = model_rules(model)
         if rules is None:
@@ -270,12 +272,12 @@ class VeoProvider(Provider):
     def _headers(self, ctx: CallContext) -> dict[str, str]:
         return {"x-goog-api-key": ctx.api_key, "User-Agent": "atelier"}
 
-    async def submit(self, ctx: CallContext, job: Job) -> SubmitResult:
-        request = self.build(job.model, job.input)
-        if request.image_url is not None:
-            request.instance["image"] = await _fetch_image(ctx.http, request.image_url)
-        url = f"{self.base_url}/v1beta/models/{job.model}:predictLongRunning"
-        http_request = ctx.http.build_request("POST", url, json=request.body(), headers=self._headers(ctx))
+    async def submit(self, ctx: CallContext, request: GenerationRequest) -> SubmitResult:
+        veo = self.build(request.model, request.input)
+        if veo.image_url is not None:
+            veo.instance["image"] = await _fetch_image(ctx.http, veo.image_url)
+        url = f"{self.base_url}/v1beta/models/{request.model}:predictLongRunning"
+        http_request = ctx.http.build_request("POST", url, json=veo.body(), headers=self._headers(ctx))
         response = await send(ctx.http, http_request, creates=True)
         _raise_for_error(response, creates=True)
         operation = expect_object(parse_json(response), "operation")
@@ -285,8 +287,8 @@ class VeoProvider(Provider):
         status = "done" if operation.get("done") is True else "running"
         return SubmitResult(task_id=name, request_id=_request_id(response), status=status)
 
-    async def fetch(self, ctx: CallContext, job: Job) -> TaskStatus:
-        name = job.provider_task_id or ""
+    async def fetch(self, ctx: CallContext, task: TaskRef) -> TaskStatus:
+        name = task.task_id
         if not _OPERATION.match(name) or ".." in name:
             raise MalformedResponse("the job's Veo operation name is not valid", detail=name[:200])
         url = f"{self.base_url}/v1beta/{name}"
@@ -351,11 +353,11 @@ class VeoProvider(Provider):
             return f"data:{video.get('encoding') or 'video/mp4'};base64,{encoded}"
         return None
 
-    async def cancel(self, ctx: CallContext, job: Job) -> bool:
+    async def cancel(self, ctx: CallContext, task: TaskRef) -> bool:
         """The Gemini API documents no way to cancel a Veo operation."""
         return False
 
-    async def reconcile(self, ctx: CallContext, job: Job, since: float) -> SubmitResult | None:
+    async def reconcile(self, ctx: CallContext, request: GenerationRequest, since: float) -> SubmitResult | None:
         """The Gemini API lists no Veo operations: an ambiguous create cannot be found."""
         return None
 
@@ -418,9 +420,7 @@ async def _fetch_image(http: httpx.AsyncClient, url: str) -> dict[str, str]:
 
 
 def _image_error(message: str) -> Rejected:
-    err = Rejected(message)
-    err.code = "input_image_unavailable"
-    return err
+    return Rejected(message, code="input_image_unavailable")
 
 
 def _request_id(response: httpx.Response) -> str | None:
@@ -472,7 +472,6 @@ def _raise_for_error(response: httpx.Response, *, creates: bool = False) -> None
     if any(d.get("reason") == "API_KEY_INVALID" for d in _details(error, "google.rpc.ErrorInfo")):
         raise AuthFailed("Veo refused the API key", detail=error, status_code=status)
     if creates and status in (400, 404, 409, 422):
-        err = Rejected(f"Veo refused the request: {message}", detail=error, status_code=status)
-        err.code = "model_not_found" if status == 404 else "provider_rejected_input"
-        raise err
+        raise Rejected(f"Veo refused the request: {message}", detail=error, status_code=status,
+                       code="model_not_found" if status == 404 else "provider_rejected_input")
     raise_for_common_status(response, creates=creates, detail=error)

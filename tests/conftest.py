@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
-from orchestrator.devstack import Stack, dev_stack
-from orchestrator.redis_server import RedisServer
+from orchestrator.cli.devstack import Stack, dev_stack
+from orchestrator.infra.redis_server import RedisServer
 
 # Tests never reach a real provider or cloud.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

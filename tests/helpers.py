@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from orchestrator.devstack import Stack
+from orchestrator.cli.devstack import Stack
 
 TERMINAL = {"succeeded", "failed", "canceled", "timed_out"}
 

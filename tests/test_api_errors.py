@@ -6,7 +6,7 @@ import httpx
 import pytest
 import redis
 
-from orchestrator.tenants import create_api_key
+from orchestrator.store.tenants import create_api_key
 from tests.helpers import api, submit, wait_for
 
 GOOD = {"provider": "replicate", "kind": "image", "model": "black-forest-labs/flux-schnell",

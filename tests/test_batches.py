@@ -12,7 +12,7 @@ import pytest
 import redis
 from standardwebhooks import Webhook
 
-from orchestrator.tenants import create_api_key
+from orchestrator.store.tenants import create_api_key
 from providers.sandbox.serve import serving
 from tests.helpers import WebhookReceiver, api, submit
 
@@ -177,7 +177,7 @@ async def test_batch_stream(stack):
 @pytest.mark.timeout(600)
 async def test_ten_thousand_item_mixed_batch(redis_url):
     """10,000 items accepted in one request, run through the simulators; counts add up all along."""
-    from orchestrator.devstack import dev_stack
+    from orchestrator.cli.devstack import dev_stack
 
     async with dev_stack(redis_url=redis_url, log_format="text", log_level="WARNING",
                          poll_min_seconds=0.05) as stack, api(stack) as client:

@@ -8,8 +8,8 @@ import time
 
 import httpx
 
-from orchestrator.devstack import dev_stack
-from providers.signatures import sign
+from orchestrator.cli.devstack import dev_stack
+from orchestrator.wire.signing import sign
 from tests.helpers import api, submit, wait_for
 
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from orchestrator.cli import main
-from orchestrator.client import AsyncClient
+from orchestrator.sdk.client import AsyncClient
 
 IMAGE = {"provider": "replicate", "kind": "image", "model": "black-forest-labs/flux-schnell",
          "input": {"prompt": "a fox"}}

@@ -16,7 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from orchestrator.client import (
+from orchestrator.domain.webhooks import new_secret
+from orchestrator.sdk.client import (
     APIConnectionError,
     APIError,
     AsyncClient,
@@ -34,10 +35,9 @@ from orchestrator.client import (
     WebhookVerificationError,
     verify_webhook,
 )
-from orchestrator.models import JobInput, JobKind
-from orchestrator.webhooks import new_secret
+from orchestrator.wire.jobs import JobInput, JobKind
+from orchestrator.wire.signing import sign
 from providers.sandbox.serve import serving
-from providers.signatures import sign
 from tests.helpers import WebhookReceiver
 
 IMAGE = {"provider": "replicate", "kind": "image", "model": "black-forest-labs/flux-schnell",

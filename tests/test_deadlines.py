@@ -6,11 +6,11 @@ from datetime import datetime
 
 import pytest
 
-from orchestrator.devstack import dev_stack
-from orchestrator.jobs import job_timeout
-from orchestrator.models import JobKind, JobRequest
-from orchestrator.settings import Settings
-from providers.base import ProviderSettings
+from orchestrator.cli.devstack import dev_stack
+from orchestrator.domain.deadlines import job_timeout
+from orchestrator.infra.settings import Settings
+from orchestrator.wire.jobs import JobKind, JobRequest
+from providers.contract import ProviderSettings
 from tests.helpers import api, submit, wait_for
 
 FAST = "black-forest-labs/flux-schnell"

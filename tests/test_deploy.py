@@ -23,10 +23,10 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from orchestrator import metrics
 from orchestrator.cli import build_parser
-from orchestrator.queue import SentinelTarget
-from orchestrator.settings import Settings
+from orchestrator.infra import metrics
+from orchestrator.infra.settings import Settings
+from orchestrator.store.queue import SentinelTarget
 from tests.helm_render import render_chart
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ import pytest
 from moto.server import ThreadedMotoServer
 from standardwebhooks import Webhook
 
-from orchestrator.devstack import dev_stack
-from orchestrator.redis_server import free_port
+from orchestrator.cli.devstack import dev_stack
+from orchestrator.infra.redis_server import free_port
 from providers.sandbox.serve import serving
 from tests.helpers import WebhookReceiver, api, submit, wait_for
 

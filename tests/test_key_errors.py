@@ -9,15 +9,9 @@ import httpx
 import pytest
 
 from providers import fal, kling, runway, sora, suno, veo
-from providers.base import (
-    AuthFailed,
-    InsufficientBalance,
-    ProviderError,
-    ProviderSettings,
-    RateLimited,
-    Rejected,
-    raise_for_common_status,
-)
+from providers.contract import ProviderSettings
+from providers.errors import AuthFailed, InsufficientBalance, ProviderError, RateLimited, Rejected
+from providers.http import raise_for_common_status
 
 
 def reply(status: int, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:

@@ -15,11 +15,12 @@ from datetime import datetime
 import pytest
 from redis.asyncio import Redis
 
-from orchestrator import keypool
 from orchestrator.cli import main as cli_main
-from orchestrator.devstack import Stack, dev_stack
-from orchestrator.models import Job, JobInput, JobKind, JobStatus
-from orchestrator.throttle import Limits, Throttle
+from orchestrator.cli.devstack import Stack, dev_stack
+from orchestrator.domain.job import Job
+from orchestrator.store import keypool
+from orchestrator.store.throttle import Limits, Throttle
+from orchestrator.wire.jobs import JobInput, JobKind, JobStatus
 from tests.helpers import api, sim_faults, submit, wait_for
 from workers.main import run as run_worker
 
@@ -122,8 +123,8 @@ async def test_out_of_balance_key_comes_back_after_the_recheck_time(redis_url):
 
 
 async def test_a_queued_job_leaves_a_key_that_is_out_but_a_submitted_one_keeps_it(stack):
-    from orchestrator.runtime import Runtime
-    from workers import tasks
+    from orchestrator.services.runtime import Runtime
+    from workers import context
 
     rt = await Runtime.open(stack.settings)
     try:
@@ -133,9 +134,9 @@ async def test_a_queued_job_leaves_a_key_that_is_out_but_a_submitted_one_keeps_i
         provider.settings.api_keys = [key, "r8_second_pool_key"]
         out = {keypool.key_id(key): keypool.KeyOut("auth_failed", "provider_auth_failed", "refused", time.time())}
         queued = a_job("job_q").model_copy(update={"key_id": keypool.key_id(key)})
-        assert tasks.call_context(rt, provider, queued, out).api_key == "r8_second_pool_key"
+        assert context.call_context(rt, provider, queued, out).api_key == "r8_second_pool_key"
         submitted = queued.model_copy(update={"status": JobStatus.submitted})
-        assert tasks.call_context(rt, provider, submitted, out).api_key == key
+        assert context.call_context(rt, provider, submitted, out).api_key == key
         with pytest.raises(keypool.NoUsableKey, match="every key in the pool is out"):
             keypool.pick([key], queued, out)
     finally:

@@ -23,15 +23,17 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import logs, metrics
-from orchestrator.devstack import dev_stack
-from orchestrator.models import Job, JobInput, JobKind, JobStatus
-from orchestrator.redis_server import find_redis_server, free_port
-from orchestrator.runtime import Runtime
-from orchestrator.storage import Spooled, open_storage
+from orchestrator.cli.devstack import dev_stack
+from orchestrator.domain.job import Job
+from orchestrator.infra import logs, metrics
+from orchestrator.infra.redis_server import find_redis_server, free_port
+from orchestrator.infra.storage import Spooled, open_storage
+from orchestrator.services.runtime import Runtime
+from orchestrator.store import keypool
+from orchestrator.wire.jobs import JobInput, JobKind, JobStatus
 from providers.sandbox.serve import serving
 from tests.helpers import WebhookReceiver, api, sim_faults, submit, wait_for
-from workers import tasks
+from workers import context
 from workers.main import run as run_worker
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -142,8 +144,8 @@ async def test_a_key_that_left_the_pool_is_counted(stack):
         job = Job(id="job_keyless", tenant="dev", provider="replicate", kind=JobKind.image, model="m",
                   input=JobInput(prompt="x"), key_id="000000000000", status=JobStatus.submitted)
         before = metrics.KEY_MISSING.labels("replicate")._value.get()
-        with pytest.raises(LookupError, match="no longer configured"):
-            tasks.call_context(rt, provider, job)
+        with pytest.raises(keypool.KeyUnavailable, match="no longer configured"):
+            context.call_context(rt, provider, job)
         assert metrics.KEY_MISSING.labels("replicate")._value.get() == before + 1
     finally:
         await rt.close()
@@ -391,7 +393,7 @@ async def test_a_job_runs_with_redis_through_sentinel(sentinel):
 
 
 def test_sentinel_urls_parse():
-    from orchestrator.queue import SentinelTarget
+    from orchestrator.store.queue import SentinelTarget
 
     target = SentinelTarget.parse("rediss+sentinel://app:p%40ss@s1:26379,[::1]:26380/primary/3?sentinel_password=x")
     assert target.sentinels == [("s1", 26379), ("::1", 26380)]
@@ -409,7 +411,7 @@ async def test_presigned_urls_name_the_public_s3_endpoint(moto_s3_server, tmp_pa
     public = f"http://localhost:{port}"
     storage = open_storage("s3://renders/out", public_url="http://x", secret="s", s3_endpoint_url=moto_s3_server,
                            s3_public_endpoint_url=public)
-    from orchestrator.storage import spool
+    from orchestrator.infra.storage import spool
 
     async def chunks() -> Any:
         yield b"\x89PNG\r\n\x1a\n" + b"\0" * 64

@@ -10,11 +10,12 @@ from datetime import UTC, datetime
 import pytest
 from redis.asyncio import Redis
 
-from orchestrator.devstack import dev_stack
-from orchestrator.models import Job, JobInput, JobKind
-from orchestrator.polls import ON_BOARD_MARGIN, Board, PollBoard
-from orchestrator.schedule import CALLBACK_OFFSET, poll_rank, woken_rank
-from providers.base import ProviderSettings
+from orchestrator.cli.devstack import dev_stack
+from orchestrator.domain.job import Job
+from orchestrator.domain.schedule import CALLBACK_OFFSET, poll_rank, woken_rank
+from orchestrator.store.polls import ON_BOARD_MARGIN, Board, PollBoard
+from orchestrator.wire.jobs import JobInput, JobKind
+from providers.contract import ProviderSettings
 from providers.replicate import ReplicateProvider
 from tests.helpers import api, submit, wait_for
 
@@ -154,12 +155,12 @@ def test_typical_duration_and_poll_rank_per_model_else_per_kind():
                                                   typical_seconds={"video": 120, "minimax/video-01": 300}))
     at = datetime(2026, 11, 25, tzinfo=UTC)
 
-    def job(model: str, **data: object) -> Job:
+    def job(model: str, callback_expected: bool = False) -> Job:
         return Job(id="job_t", tenant="t", provider="replicate", kind=JobKind.video, model=model,
-                   input=JobInput(prompt="x"), timestamps={"submitted": at}, provider_data=dict(data))
+                   input=JobInput(prompt="x"), timestamps={"submitted": at}, callback_expected=callback_expected)
 
-    assert provider.typical_seconds(job("minimax/video-01")) == 300
-    assert provider.typical_seconds(job("other/video")) == 120
+    assert provider.typical_seconds("video", "minimax/video-01") == 300
+    assert provider.typical_seconds("video", "other/video") == 120
     assert poll_rank(provider, job("other/video")) == (at.timestamp() + 120) * 1000
     # Expecting a callback: after every job that does not, however late.
     late = poll_rank(provider, job("minimax/video-01"))

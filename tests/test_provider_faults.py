@@ -8,8 +8,8 @@ import time
 
 import redis
 
-from orchestrator.devstack import dev_stack
-from orchestrator.settings import Settings
+from orchestrator.cli.devstack import dev_stack
+from orchestrator.infra.settings import Settings
 from providers.sandbox.serve import serving
 from tests.helpers import WebhookReceiver, api, sim_faults, sim_stats, submit, wait_for
 from workers.main import run as run_worker

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from orchestrator.devstack import dev_stack
-from orchestrator.settings import Settings
+from orchestrator.cli.devstack import dev_stack
+from orchestrator.infra.settings import Settings
 from tests.helpers import api, submit, wait_for
 from workers.main import run as run_worker
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.devstack import Stack
-from orchestrator.endpoints import Endpoints
-from orchestrator.models import JobStatus
-from orchestrator.runtime import Runtime
-from orchestrator.store import Conflict, JobStore, endpoints_fingerprint
+from orchestrator.cli.devstack import Stack
+from orchestrator.services.runtime import Runtime
+from orchestrator.store.endpoints import Endpoints
+from orchestrator.store.jobs import Conflict, JobStore, endpoints_fingerprint
+from orchestrator.wire.jobs import JobStatus
 from providers.sandbox.serve import serving
 from tests.helpers import api, submit, wait_for
 from tests.test_webhook_endpoints import Receiver, make_endpoint

@@ -8,11 +8,12 @@ import json
 import pytest
 from standardwebhooks import Webhook
 
-from orchestrator.ids import new_id
-from orchestrator.media import sniff
-from orchestrator.settings import Settings
-from orchestrator.webhooks import new_secret, sign, verify
-from providers.base import ProviderSettings
+from orchestrator.domain.ids import new_id
+from orchestrator.domain.webhooks import new_secret
+from orchestrator.infra.media import sniff
+from orchestrator.infra.settings import Settings
+from orchestrator.wire.signing import sign, verify
+from providers.contract import ProviderSettings
 from providers.replicate import ReplicateProvider, output_urls, tqdm_progress
 from providers.sandbox import media
 

@@ -25,12 +25,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from orchestrator.destinations import address_problem, url_problem, webhook_client
-from orchestrator.devstack import Stack, dev_stack
-from orchestrator.endpoints import Endpoints
-from orchestrator.redis_server import free_port
-from orchestrator.store import JobStore
-from orchestrator.tenants import create_api_key
+from orchestrator.cli.devstack import Stack, dev_stack
+from orchestrator.infra.destinations import address_problem, url_problem, webhook_client
+from orchestrator.infra.redis_server import free_port
+from orchestrator.store.endpoints import Endpoints
+from orchestrator.store.jobs import JobStore
+from orchestrator.store.tenants import create_api_key
 from providers.sandbox.serve import serving
 from tests.helpers import api, submit, wait_for
 from workers.delivery import post, retry_delay

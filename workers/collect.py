@@ -18,12 +18,14 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from orchestrator.models import Job, JobStatus, Output, ProviderOutput
-from orchestrator.runtime import Runtime
-from orchestrator.storage import OutputTooLarge, spool
-from orchestrator.store import Conflict
-from providers.base import CallContext, Provider
-from workers.tasks import call_context, fail_current, load_job, log, log_extra, runtime_of
+from orchestrator.domain.job import Job, Output
+from orchestrator.infra.storage import OutputTooLarge, spool
+from orchestrator.services.runtime import Runtime
+from orchestrator.store import keypool
+from orchestrator.store.jobs import Conflict
+from orchestrator.wire.jobs import JobStatus
+from providers.contract import CallContext, Provider, ProviderOutput
+from workers.context import call_context, fail_current, load_job, log, log_extra, runtime_of
 
 S = JobStatus
 MAX_COLLECT_ATTEMPTS = 5
@@ -79,12 +81,11 @@ async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
             for index, ref in enumerate(job.provider_outputs):
                 outputs.append(await _store_output(rt, provider, call, job, index, ref))
     except OutputUnavailable as exc:
-        n = int(job.provider_data.get("collects", 1))
+        n = max(job.collects, 1)
         if exc.transient and n < MAX_COLLECT_ATTEMPTS:
             delay = 2.0 ** n
             try:
-                job = await rt.jobs.change(job, provider_data={**job.provider_data, "collects": n + 1},
-                                           note=str(exc),
+                job = await rt.jobs.change(job, collects=n + 1, note=str(exc),
                                            active_at=time.time() + delay + rt.settings.sweep_grace_seconds)
             except Conflict:
                 return
@@ -92,8 +93,8 @@ async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
         else:
             await fail_current(rt, job, exc.code, str(exc))
         return
-    except LookupError as exc:
-        await fail_current(rt, job, "provider_not_configured", str(exc))
+    except keypool.KeyUnavailable as exc:
+        await fail_current(rt, job, exc.code, exc.message, exc.detail)
         return
     if not outputs:
         await fail_current(rt, job, "provider_no_output", "the provider reported success without outputs")

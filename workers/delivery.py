@@ -27,14 +27,16 @@ from typing import Any
 
 import httpx
 
-from orchestrator import metrics
-from orchestrator.destinations import DestinationRefused
-from orchestrator.logs import redact_url
-from orchestrator.models import utcnow
-from orchestrator.runtime import Runtime
-from orchestrator.tenants import webhook_secret
-from orchestrator.webhooks import Attempt, Delivery, sign
-from providers.base import retry_after_seconds
+from orchestrator.domain.webhooks import Delivery
+from orchestrator.infra import metrics
+from orchestrator.infra.destinations import DestinationRefused
+from orchestrator.infra.logs import redact_url
+from orchestrator.services.runtime import Runtime
+from orchestrator.store.tenants import webhook_secret
+from orchestrator.wire.jobs import utcnow
+from orchestrator.wire.signing import sign
+from orchestrator.wire.webhooks import Attempt
+from providers.http import retry_after_seconds
 
 log = logging.getLogger("atelier.worker")
 
@@ -96,12 +98,12 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
     delivery = await rt.store.get_delivery(delivery_id)
     if delivery is None or delivery.status != "pending":
         return
-    endpoints = rt.jobs.endpoints
+    endpoints = rt.endpoints
     endpoint = None
     if delivery.endpoint_id:
         endpoint = await endpoints.get(delivery.tenant, delivery.endpoint_id)
         if endpoint is None:  # deleted: its deliveries go with it
-            await _drop(rt, delivery)
+            await rt.store.drop_delivery(delivery)
             return
         if not endpoint.enabled:
             delivery.status = "dead"
@@ -150,17 +152,6 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
     metrics.webhook_attempt("retry" if delivery.status == "pending" else delivery.status, out.latency_ms / 1000)
     if await rt.store.save_delivery(delivery) and delivery.status == "pending":
         await rt.queue.deliver(delivery.id, len(delivery.attempts), delay)
-
-
-async def _drop(rt: Runtime, delivery: Delivery) -> None:
-    """Forget a delivery whose endpoint was deleted (it may have been recorded just after the deletion)."""
-    assert delivery.endpoint_id is not None
-    pipe = rt.redis.pipeline(transaction=True)
-    pipe.delete(rt.store.delivery_key(delivery.id))
-    pipe.zrem(rt.store.DELIVERIES_DUE, delivery.id)
-    for status in (None, "pending", "delivered", "dead"):
-        pipe.zrem(rt.store.endpoint_deliveries_key(delivery.endpoint_id, status), delivery.id)
-    await pipe.execute()
 
 
 async def _log_extra(rt: Runtime, delivery: Delivery, event: str) -> dict[str, str | None]:

@@ -17,23 +17,24 @@ from typing import Any
 
 from arq import cron, func
 
-from orchestrator import metrics
-from orchestrator.destinations import webhook_client
-from orchestrator.queue import connect, dumps, loads
-from orchestrator.runtime import Runtime
-from orchestrator.settings import Settings
+from orchestrator.infra import metrics
+from orchestrator.infra.destinations import webhook_client
+from orchestrator.infra.settings import Settings
+from orchestrator.services.runtime import Runtime
+from orchestrator.store.queue import connect, dumps, loads
+from orchestrator.store.stats import read_gauges
 from providers.sandbox.serve import serving
-from workers import collect, delivery, tasks
+from workers import cancel, collect, delivery, poll, submit, sweep
 from workers.polling import Poller
 from workers.resilient import Worker  # arq's Worker, kept alive through Redis restarts
 
 log = logging.getLogger("atelier.worker")
 
 JOB_FUNCTIONS = [
-    func(tasks.submit_job, timeout=120, max_tries=5),
-    func(tasks.poll_job, timeout=60, max_tries=3),
+    func(submit.submit_job, timeout=120, max_tries=5),
+    func(poll.poll_job, timeout=60, max_tries=3),
     func(collect.collect_outputs, timeout=900, max_tries=3),
-    func(tasks.cancel_at_provider, timeout=60, max_tries=3),
+    func(cancel.cancel_at_provider, timeout=60, max_tries=3),
 ]
 WEBHOOK_FUNCTIONS = [func(delivery.deliver_webhook, timeout=60, max_tries=3)]
 SWEEP_SECONDS = {0, 10, 20, 30, 40, 50}
@@ -53,7 +54,7 @@ async def build_workers(settings: Settings, ctx: dict[str, Any], queues: Sequenc
     if "jobs" in queues:
         workers.append(Worker(
             functions=JOB_FUNCTIONS,
-            cron_jobs=[cron(tasks.sweep, second=SWEEP_SECONDS, run_at_startup=True, timeout=60)],
+            cron_jobs=[cron(sweep.sweep, second=SWEEP_SECONDS, run_at_startup=True, timeout=60)],
             queue_name=settings.queue_name, max_jobs=settings.worker_max_jobs,
             redis_pool=await connect(settings.redis_url, settings.queue_name), **common,
         ))
@@ -91,7 +92,8 @@ async def run(settings: Settings, *, queues: Sequence[str] = ("jobs", "webhooks"
     servers = contextlib.AsyncExitStack()
     try:
         if metrics_port is not None:
-            app = metrics.worker_app(rt.redis, (settings.queue_name, settings.webhook_queue_name),
+            queues = (settings.queue_name, settings.webhook_queue_name)
+            app = metrics.worker_app(lambda: read_gauges(rt.redis, queues),
                                      healthy=lambda: stop.is_set() or not any(t.done() for t in runs))
             url = await servers.enter_async_context(serving(app, host=metrics_host, port=metrics_port))
             log.info("worker metrics at %s/metrics", url, extra={"event": "worker.metrics"})

@@ -17,9 +17,9 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from orchestrator.polls import WAKE_CHANNEL, Board
-from orchestrator.runtime import Runtime
-from workers import tasks
+from orchestrator.services.runtime import Runtime
+from orchestrator.store.polls import WAKE_CHANNEL, Board
+from workers.poll import poll, poll_group, retry_polls
 
 log = logging.getLogger("atelier.poller")
 
@@ -70,8 +70,8 @@ class Poller:
             group = t.board.group
             for start in range(0, len(t.polls), group):
                 chunk = t.polls[start:start + group]
-                self._start(chunk, tasks.poll_group(self.rt, chunk) if group > 1
-                            else tasks.poll(self.rt, chunk[0][0], chunk[0][1]))
+                self._start(chunk, poll_group(self.rt, chunk) if group > 1
+                            else poll(self.rt, chunk[0][0], chunk[0][1]))
             if t.backlog:
                 pause = BUSY_SECONDS
             elif t.next_due is not None:
@@ -91,7 +91,7 @@ class Poller:
             # Put it back (a newer poll, if one was scheduled meanwhile, wins); if even that fails,
             # the sweeper finds the job after the lease.
             with contextlib.suppress(Exception):
-                await tasks.retry_polls(self.rt, polls, RETRY_SECONDS)
+                await retry_polls(self.rt, polls, RETRY_SECONDS)
 
     async def listen(self, stop: asyncio.Event) -> None:
         """Set ``woken`` whenever a callback puts a job first in line (through Redis restarts)."""

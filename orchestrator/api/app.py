@@ -18,8 +18,8 @@ from orchestrator.api import (
     webhook_endpoints,
 )
 from orchestrator.api.limits import BodySizeLimit
-from orchestrator.runtime import Runtime
-from orchestrator.settings import Settings
+from orchestrator.infra.settings import Settings
+from orchestrator.services.runtime import Runtime
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -14,21 +14,12 @@ from orchestrator.api.deps import RuntimeDep, TenantDep
 from orchestrator.api.jobs import request_problem
 from orchestrator.api.problems import Problem, field_name
 from orchestrator.api.webhook_endpoints import check_url
-from orchestrator.batches import BatchIdempotencyConflict, item_problem_ref
-from orchestrator.destinations import UrlChecker
-from orchestrator.models import (
-    BatchCreated,
-    BatchItem,
-    BatchPage,
-    BatchRecord,
-    BatchRequest,
-    BatchView,
-    ItemProblem,
-    JobPage,
-    JobRequest,
-    JobStatus,
-)
-from orchestrator.runtime import Runtime
+from orchestrator.domain.job import BatchRecord
+from orchestrator.infra.destinations import UrlChecker
+from orchestrator.services.batches import BatchIdempotencyConflict, item_problem_ref
+from orchestrator.services.runtime import Runtime
+from orchestrator.wire.batches import BatchCreated, BatchItem, BatchPage, BatchRequest, BatchView, ItemProblem
+from orchestrator.wire.jobs import JobPage, JobRequest, JobStatus
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 

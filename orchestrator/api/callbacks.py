@@ -17,13 +17,14 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from orchestrator import metrics
 from orchestrator.api.deps import RuntimeDep
 from orchestrator.api.problems import problem_response
-from orchestrator.models import TERMINAL, JobStatus
-from orchestrator.schedule import woken_rank
-from orchestrator.store import Conflict
-from providers.base import CallbackRejected, CallContext
+from orchestrator.domain.schedule import woken_rank
+from orchestrator.infra import metrics
+from orchestrator.store.jobs import Conflict
+from orchestrator.wire.jobs import TERMINAL, JobStatus
+from providers.contract import CallContext
+from providers.errors import CallbackRejected
 
 router = APIRouter(tags=["callbacks"])
 log = logging.getLogger("atelier.callbacks")

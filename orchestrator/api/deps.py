@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from orchestrator.api.problems import Problem
-from orchestrator.models import Job
-from orchestrator.runtime import Runtime
-from orchestrator.tenants import tenant_for_key
+from orchestrator.domain.job import Job
+from orchestrator.services.runtime import Runtime
+from orchestrator.store.tenants import tenant_for_key
 
 
 def runtime(request: Request) -> Runtime:

@@ -10,7 +10,10 @@ from fastapi import APIRouter, Header, Query, Response
 from orchestrator.api.deps import RuntimeDep, TenantDep, owned_job
 from orchestrator.api.problems import Problem
 from orchestrator.api.webhook_endpoints import check_url
-from orchestrator.models import (
+from orchestrator.domain.job import generation_request
+from orchestrator.services.runtime import Runtime
+from orchestrator.store.jobs import Conflict, IdempotencyConflict
+from orchestrator.wire.jobs import (
     TERMINAL,
     JobEvent,
     JobPage,
@@ -20,9 +23,7 @@ from orchestrator.models import (
     JobStatus,
     JobView,
 )
-from orchestrator.runtime import Runtime
-from orchestrator.store import Conflict, IdempotencyConflict
-from providers.base import InvalidInput
+from providers.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -38,7 +39,7 @@ def request_problem(rt: Runtime, request: JobRequest) -> tuple[str, str] | None:
     if not provider.settings.api_keys:
         return "provider", f"{request.provider} has no API key configured on this server"
     try:
-        provider.validate(request)
+        provider.validate(generation_request(request))
     except InvalidInput as exc:
         return exc.field, exc.message
     return None

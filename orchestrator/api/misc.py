@@ -7,9 +7,9 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from orchestrator.api.deps import RuntimeDep, TenantDep
 from orchestrator.api.problems import Problem, problem_response
-from orchestrator.media import sniff
-from orchestrator.storage import LocalStorage
-from orchestrator.tenants import webhook_secret
+from orchestrator.infra.media import sniff
+from orchestrator.infra.storage import LocalStorage
+from orchestrator.store.tenants import webhook_secret
 
 router = APIRouter()
 

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from orchestrator.api.deps import RuntimeDep, TenantDep, owned_job
 from orchestrator.api.problems import Problem
-from orchestrator.runtime import Runtime
+from orchestrator.services.runtime import Runtime
 
 router = APIRouter(tags=["streams"])
 

@@ -9,12 +9,15 @@ from fastapi import APIRouter, Query, Response
 
 from orchestrator.api.deps import RuntimeDep, TenantDep
 from orchestrator.api.problems import Problem
-from orchestrator.destinations import url_problem
-from orchestrator.endpoints import (
-    MAX_ENDPOINTS_PER_TENANT,
+from orchestrator.api.views import delivery_view, endpoint_view
+from orchestrator.domain.webhooks import MAX_ENDPOINTS_PER_TENANT, Delivery, Endpoint, restart
+from orchestrator.infra.destinations import url_problem
+from orchestrator.services.runtime import Runtime
+from orchestrator.wire.jobs import utcnow
+from orchestrator.wire.webhooks import (
     DeliveryPage,
+    DeliveryStatus,
     DeliveryView,
-    Endpoint,
     EndpointCreate,
     EndpointCreated,
     EndpointPage,
@@ -23,12 +26,7 @@ from orchestrator.endpoints import (
     EndpointView,
     Recovery,
     RotateSecret,
-    delivery_view,
-    restart,
 )
-from orchestrator.models import utcnow
-from orchestrator.runtime import Runtime
-from orchestrator.webhooks import Delivery, DeliveryStatus
 
 router = APIRouter(prefix="/v1/webhook-endpoints", tags=["webhooks"])
 
@@ -43,15 +41,15 @@ async def check_url(rt: Runtime, url: str, field: str = "url") -> None:
 
 
 async def _owned(rt: Runtime, tenant: str, endpoint_id: str) -> Endpoint:
-    endpoint = await rt.jobs.endpoints.get(tenant, endpoint_id)
+    endpoint = await rt.endpoints.get(tenant, endpoint_id)
     if endpoint is None:
         raise Problem(404, "Not found", f"no webhook endpoint {endpoint_id!r}")
     return endpoint
 
 
 async def _view(rt: Runtime, endpoint: Endpoint) -> EndpointView:
-    failing = await rt.jobs.endpoints.failing_since([endpoint.id])
-    return rt.jobs.endpoints.view(endpoint, failing[endpoint.id])
+    failing = await rt.endpoints.failing_since([endpoint.id])
+    return endpoint_view(endpoint, failing[endpoint.id])
 
 
 def _secret_view(endpoint: Endpoint) -> EndpointSecret:
@@ -66,12 +64,12 @@ async def create_endpoint(body: EndpointCreate, rt: RuntimeDep, tenant: TenantDe
                           ) -> EndpointCreated:
     """Register an endpoint; the response carries its signing secret (also at ``GET .../secret``)."""
     await check_url(rt, str(body.url))
-    endpoint = await rt.jobs.endpoints.create(tenant, body)
+    endpoint = await rt.endpoints.create(tenant, body)
     if endpoint is None:
         raise Problem(409, "Too many webhook endpoints",
                       f"a tenant may have at most {MAX_ENDPOINTS_PER_TENANT} webhook endpoints")
     response.headers["Location"] = f"/v1/webhook-endpoints/{endpoint.id}"
-    view = rt.jobs.endpoints.view(endpoint, None)
+    view = endpoint_view(endpoint, None)
     return EndpointCreated(**view.model_dump(), secret=endpoint.secret)
 
 
@@ -80,10 +78,10 @@ async def list_endpoints(rt: RuntimeDep, tenant: TenantDep,
                          cursor: Annotated[str | None, Query(max_length=64)] = None,
                          limit: Annotated[int, Query(ge=1, le=200)] = 50) -> EndpointPage:
     """The tenant's endpoints, newest first."""
-    endpoints = [e for e in reversed(await rt.jobs.endpoints.for_tenant(tenant)) if cursor is None or e.id < cursor]
+    endpoints = [e for e in reversed(await rt.endpoints.for_tenant(tenant)) if cursor is None or e.id < cursor]
     page = endpoints[:limit]
-    failing = await rt.jobs.endpoints.failing_since([e.id for e in page])
-    return EndpointPage(data=[rt.jobs.endpoints.view(e, failing[e.id]) for e in page],
+    failing = await rt.endpoints.failing_since([e.id for e in page])
+    return EndpointPage(data=[endpoint_view(e, failing[e.id]) for e in page],
                         next_cursor=page[-1].id if len(endpoints) > limit else None)
 
 
@@ -125,18 +123,18 @@ async def update_endpoint(endpoint_id: str, body: EndpointUpdate, rt: RuntimeDep
                 e.disabled_reason, e.disabled_at = "disabled through the API", utcnow()
         return True
 
-    endpoint = await rt.jobs.endpoints.update(tenant, endpoint_id, change)
+    endpoint = await rt.endpoints.update(tenant, endpoint_id, change)
     if endpoint is None:
         raise Problem(404, "Not found", f"no webhook endpoint {endpoint_id!r}")
     if fresh_start:
-        await rt.jobs.endpoints.reset_health(endpoint.id)
+        await rt.endpoints.reset_health(endpoint.id)
     return await _view(rt, endpoint)
 
 
 @router.delete("/{endpoint_id}", status_code=204)
 async def delete_endpoint(endpoint_id: str, rt: RuntimeDep, tenant: TenantDep) -> Response:
     """Remove the endpoint with its delivery records; pending deliveries are not sent."""
-    if not await rt.jobs.endpoints.delete(tenant, endpoint_id):
+    if not await rt.endpoints.delete(tenant, endpoint_id):
         raise Problem(404, "Not found", f"no webhook endpoint {endpoint_id!r}")
     return Response(status_code=204)
 
@@ -153,7 +151,7 @@ async def rotate_secret(endpoint_id: str, rt: RuntimeDep, tenant: TenantDep,
     """A new secret; the previous one keeps signing too for ``grace_period_seconds`` (default 24 h),
     so each delivery carries both signatures until then."""
     grace = (body or RotateSecret()).grace_period_seconds
-    endpoint = await rt.jobs.endpoints.rotate(tenant, endpoint_id, grace)
+    endpoint = await rt.endpoints.rotate(tenant, endpoint_id, grace)
     if endpoint is None:
         raise Problem(404, "Not found", f"no webhook endpoint {endpoint_id!r}")
     return _secret_view(endpoint)
@@ -168,12 +166,12 @@ async def list_deliveries(endpoint_id: str, rt: RuntimeDep, tenant: TenantDep,
                           limit: Annotated[int, Query(ge=1, le=200)] = 50) -> DeliveryPage:
     """Newest first, with every attempt; filter by ``status`` (``pending``, ``delivered``, ``dead``)."""
     endpoint = await _owned(rt, tenant, endpoint_id)
-    found, next_cursor = await rt.jobs.endpoints.deliveries(endpoint.id, status, cursor, limit)
+    found, next_cursor = await rt.endpoints.deliveries(endpoint.id, status, cursor, limit)
     return DeliveryPage(data=[delivery_view(d, with_payload=False) for d in found], next_cursor=next_cursor)
 
 
 async def _owned_delivery(rt: Runtime, endpoint: Endpoint, delivery_id: str) -> Delivery:
-    delivery = await rt.jobs.endpoints.delivery(endpoint, delivery_id)
+    delivery = await rt.endpoints.delivery(endpoint, delivery_id)
     if delivery is None:
         raise Problem(404, "Not found", f"no delivery {delivery_id!r} for this endpoint")
     return delivery
@@ -218,7 +216,7 @@ async def recover(endpoint_id: str, rt: RuntimeDep, tenant: TenantDep, since: da
     _require_enabled(endpoint)
     if since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-    dead = await rt.jobs.endpoints.dead_since(endpoint.id, since, MAX_RECOVER + 1)
+    dead = await rt.endpoints.dead_since(endpoint.id, since, MAX_RECOVER + 1)
     resent = []
     for delivery in dead[:MAX_RECOVER]:
         if delivery.status == "dead":

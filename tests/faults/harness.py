@@ -38,8 +38,8 @@ from standardwebhooks import Webhook
 from starlette.requests import Request
 from starlette.responses import Response
 
-from orchestrator.devstack import Stack, dev_stack
-from orchestrator.redis_server import RedisServer, free_port
+from orchestrator.cli.devstack import Stack, dev_stack
+from orchestrator.infra.redis_server import RedisServer, free_port
 from providers.sandbox.serve import serving
 from tests.helpers import TERMINAL, WebhookReceiver
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from orchestrator.store import JobStore
-from providers.signatures import sign
+from orchestrator.store.jobs import JobStore
+from orchestrator.wire.signing import sign
 from tests.faults.harness import MODELS, FaultStack, fault_stack, job_body, record_figures
 
 PROVIDERS = list(MODELS)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from orchestrator.store import JobStore
+from orchestrator.store.jobs import JobStore
 from tests.faults.harness import (
     MODELS,
     NOTIFY_TYPES,

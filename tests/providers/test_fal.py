@@ -13,10 +13,9 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from orchestrator.devstack import Stack, dev_stack
-from orchestrator.models import Job, JobInput, JobKind
-from providers.base import CallContext
-from providers.fal import FalProvider
+from orchestrator.cli.devstack import Stack, dev_stack
+from providers.contract import CallContext, GenerationRequest, MediaInput, MediaKind, TaskRef
+from providers.fal import FalProvider, FalTask
 from providers.fal_webhooks import signed_message
 from providers.sandbox.fal import FalSimulator
 from tests.helpers import api, sim_faults, sim_stats, submit, wait_for
@@ -241,17 +240,18 @@ async def test_request_canceled_at_fal_cancels_the_job(stack: Stack) -> None:
 async def test_queue_position_is_reported(stack: Stack) -> None:
     settings = stack.settings.provider_settings()["fal"]
     provider = FalProvider(settings)
-    job = Job(id="job_queue", tenant="t", provider="fal", kind=JobKind.image, model=FLUX,
-              input=JobInput(prompt="wait [sim:queue=30] [sim:position=3]"))
+    request = GenerationRequest(kind=MediaKind.image, model=FLUX,
+                                input=MediaInput(prompt="wait [sim:queue=30] [sim:position=3]"), reference="job_queue")
     async with httpx.AsyncClient(timeout=10) as http:
         ctx = CallContext(http=http, api_key=settings.api_keys[0])
-        result = await provider.submit(ctx, job)
-        assert result.status == "IN_QUEUE" and "/fal-ai/flux/requests/" in result.data["status_url"]
-        job = job.model_copy(update={"provider_task_id": result.task_id, "provider_data": result.data})
-        status = await provider.fetch(ctx, job)
+        result = await provider.submit(ctx, request)
+        state = FalTask.model_validate(result.state.model_dump() if result.state else {})
+        assert result.status == "IN_QUEUE" and "/fal-ai/flux/requests/" in (state.status_url or "")
+        task = TaskRef(task_id=result.task_id, request=request, state=state.model_dump(exclude_none=True))
+        status = await provider.fetch(ctx, task)
         assert status.state == "queued" and status.raw_status == "IN_QUEUE"
-        assert status.data["queue_position"] == 3
-        assert await provider.cancel(ctx, job) is True
+        assert status.queue_position == 3
+        assert await provider.cancel(ctx, task) is True
 
 
 # -- webhooks -------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import jwt
 import pytest
 import redis.asyncio as aioredis
 
-from orchestrator.devstack import Stack, dev_stack
-from orchestrator.redis_server import free_port
-from orchestrator.store import JobStore
-from providers.base import ProviderSettings
+from orchestrator.cli.devstack import Stack, dev_stack
+from orchestrator.infra.redis_server import free_port
+from orchestrator.store.jobs import JobStore
+from providers.contract import ProviderSettings
 from providers.kling import KlingProvider, parse_gateway_task
 from tests.helpers import api, sim_faults, sim_stats, submit, wait_for
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.devstack import Stack, dev_stack
+from orchestrator.cli.devstack import Stack, dev_stack
 from tests.helpers import api, sim_faults, sim_stats, submit, wait_for
 
 IMAGE = "https://example.com/hills.png"

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.devstack import Stack, dev_stack
+from orchestrator.cli.devstack import Stack, dev_stack
 from tests.helpers import api, sim_faults, sim_stats, submit, wait_for
 
 SANDBOX_AUTH = {"Authorization": "Bearer sandbox-key"}
@@ -227,8 +227,8 @@ async def test_expired_content_fails_the_job_as_expired(stack):
 
 
 async def test_download_headers_only_for_the_api_origin(stack):
-    from orchestrator.runtime import Runtime
-    from providers.base import CallContext
+    from orchestrator.services.runtime import Runtime
+    from providers.contract import CallContext
 
     rt = await Runtime.open(stack.settings)
     try:
@@ -243,7 +243,7 @@ async def test_download_headers_only_for_the_api_origin(stack):
 
 
 def test_gateway_and_unknown_statuses_are_mapped_or_left_non_terminal():
-    from providers.base import ProviderSettings
+    from providers.contract import ProviderSettings
     from providers.sora import SoraProvider
 
     sora = SoraProvider(ProviderSettings(name="sora", base_url="https://gw.example.com/openai/"))

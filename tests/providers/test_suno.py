@@ -4,6 +4,7 @@ and ``fetch_many`` directly over real HTTP."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
@@ -14,10 +15,18 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from orchestrator import keypool
-from orchestrator.devstack import Stack, dev_stack
-from orchestrator.models import Job, JobInput, JobKind
-from providers.base import CallContext, ProviderSettings, TaskNotFound, TaskStatus
+from orchestrator.cli.devstack import Stack, dev_stack
+from orchestrator.store import keypool
+from providers.contract import (
+    CallContext,
+    GenerationRequest,
+    MediaInput,
+    MediaKind,
+    ProviderSettings,
+    TaskRef,
+    TaskStatus,
+)
+from providers.errors import TaskNotFound
 from providers.sandbox.base import SimConfig
 from providers.sandbox.serve import serving
 from providers.sandbox.suno import SunoApiSimulator, SunoGatewaySimulator
@@ -486,17 +495,18 @@ def adapter_for(url: str, flavor: str, cls: type[SunoProvider] = SunoProvider) -
     return cls(ProviderSettings(name="suno", base_url=url, api_keys=["sk-a"], extra={"flavor": flavor}))
 
 
-async def submitted(adapter: SunoProvider, ctx: CallContext, prompt: str, n: int) -> list[Job]:
-    jobs = []
+async def submitted(adapter: SunoProvider, ctx: CallContext, prompt: str, n: int) -> list[TaskRef]:
+    tasks = []
     for i in range(n):
-        job = Job(id=f"job_{i}", tenant="t", provider="suno", kind=JobKind.audio, model="chirp-v4",
-                  input=JobInput(prompt=f"{prompt} {i}"))
-        result = await adapter.submit(ctx, job)
-        jobs.append(job.model_copy(update={"provider_task_id": result.task_id, "provider_data": result.data}))
-    return jobs
+        request = GenerationRequest(kind=MediaKind.audio, model="chirp-v4", input=MediaInput(prompt=f"{prompt} {i}"),
+                                    reference=f"job_{i}")
+        result = await adapter.submit(ctx, request)
+        state = result.state.model_dump(exclude_none=True) if result.state else {}
+        tasks.append(TaskRef(task_id=result.task_id, request=request, state=state))
+    return tasks
 
 
-async def until_all(fetch: Any, jobs: list[Job], state: str, timeout: float = 10.0) -> dict[str, TaskStatus]:
+async def until_all(fetch: Any, jobs: list[TaskRef], state: str, timeout: float = 10.0) -> dict[str, TaskStatus]:
     deadline = time.monotonic() + timeout
     while True:
         statuses: dict[str, TaskStatus] = await fetch(jobs)
@@ -521,22 +531,22 @@ async def test_fetch_many_batches_gateway_polls(gateway_sim):
         ctx = CallContext(http=http, api_key="sk-a")
         jobs = await submitted(adapter, ctx, "a song", 5)
         other_key = await submitted(adapter, CallContext(http=http, api_key="sk-b"), "not ours", 1)
-        unknown = jobs[0].model_copy(update={"id": "job_u", "provider_task_id": "task_" + "x" * 32})
+        unknown = dataclasses.replace(jobs[0], task_id="task_" + "x" * 32)
 
-        async def fetch(batch: list[Job]) -> dict[str, TaskStatus]:
+        async def fetch(batch: list[TaskRef]) -> dict[str, TaskStatus]:
             return await adapter.fetch_many(ctx, batch)
 
         # Before the gateway's first upstream poll every task is NOT_START: queued, never failed.
         with pytest.raises(TaskNotFound):
             await adapter.fetch(ctx, unknown)
         first = await fetch([*jobs, *other_key, unknown])
-        assert set(first) == {j.provider_task_id for j in jobs}  # foreign and unknown ids are simply absent
+        assert set(first) == {j.task_id for j in jobs}  # foreign and unknown ids are simply absent
         assert {(s.state, s.raw_status) for s in first.values()} == {("queued", "NOT_START")}
         assert sim.stats.requests["batch_fetch"] == 4  # 7 ids in batches of 2
         sim.config.extra["gateway_tick_seconds"] = 0.05
         done = await until_all(fetch, jobs, "succeeded")
     for job in jobs:
-        status = done[job.provider_task_id or ""]
+        status = done[job.task_id]
         assert len(status.outputs) == 4 and status.progress == 100
         assert [o.metadata["role"] for o in status.outputs] == ["audio", "cover", "audio", "cover"]
         assert all(o.metadata["title"] == "Simulated Song" for o in status.outputs)
@@ -552,15 +562,15 @@ async def test_fetch_many_sunoapi_falls_back_to_one_fetch_each():
         assert adapter.supports_callbacks and not adapter_for(url, "gateway").supports_callbacks
         ctx = CallContext(http=http, api_key="sk-a")
         jobs = await submitted(adapter, ctx, "a song", 3)
-        unknown = jobs[0].model_copy(update={"id": "job_u", "provider_task_id": "nosuchtask"})
+        unknown = dataclasses.replace(jobs[0], task_id="nosuchtask")
         with pytest.raises(TaskNotFound):
             await adapter.fetch(ctx, unknown)
 
-        async def fetch(batch: list[Job]) -> dict[str, TaskStatus]:
+        async def fetch(batch: list[TaskRef]) -> dict[str, TaskStatus]:
             result = await adapter.fetch_many(ctx, [*batch, unknown])
             assert "nosuchtask" not in result
             return result
 
         done = await until_all(fetch, jobs, "succeeded")
     assert all(len(s.outputs) == 4 for s in done.values())
-    assert "callBackUrl" not in sim.tasks[jobs[0].provider_task_id or ""].input  # no callback URL: none sent
+    assert "callBackUrl" not in sim.tasks[jobs[0].task_id].input  # no callback URL: none sent

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from orchestrator.devstack import Stack
+from orchestrator.cli.devstack import Stack
 from providers.sandbox import media
 from providers.sandbox.serve import serving
 from tests.helpers import api, sim_faults, sim_stats, submit, wait_for
@@ -228,8 +228,8 @@ async def test_expired_file_fails_the_job_as_expired(stack):
 
 
 async def test_download_headers_give_the_key_only_to_googles_host(stack):
-    from orchestrator.runtime import Runtime
-    from providers.base import CallContext
+    from orchestrator.services.runtime import Runtime
+    from providers.contract import CallContext
 
     rt = await Runtime.open(stack.settings)
     try:
@@ -248,7 +248,7 @@ async def test_download_headers_give_the_key_only_to_googles_host(stack):
 
 
 def test_operation_shapes_beyond_the_simulator():
-    from providers.base import ProviderSettings
+    from providers.contract import ProviderSettings
     from providers.veo import VeoProvider
 
     veo = VeoProvider(ProviderSettings(name="veo", base_url="https://generativelanguage.googleapis.com"))

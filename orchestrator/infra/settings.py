@@ -1,0 +1,258 @@
+"""Settings: environment variables with the ``ATELIER_`` prefix, plus an optional TOML file.
+
+The TOML file (``ATELIER_CONFIG_FILE``) holds per-provider tables, for what does
+not fit one environment variable::
+
+    [providers.replicate]
+    api_keys = ["r8_a...", "r8_b..."]
+    base_url = "https://gateway.example.com/replicate"
+    typical_seconds = { image = 6, video = 120, "minimax/video-01" = 300 }  # per kind or per model
+    job_timeout_seconds = 7200
+    job_timeout_by_model = { "minimax/video-01" = 1800, "google/veo-*" = 5400 }
+
+Environment variables win over the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from providers.contract import ProviderSettings
+
+PROVIDERS = ("sora", "veo", "kling", "runway", "suno", "replicate", "fal")
+
+DEFAULT_BASE_URLS = {
+    "sora": "https://api.openai.com",
+    "veo": "https://generativelanguage.googleapis.com",
+    "kling": "https://api-singapore.klingai.com",
+    "runway": "https://api.dev.runwayml.com",
+    "replicate": "https://api.replicate.com",
+    "fal": "https://queue.fal.run",
+    "suno": "",  # no official API: the gateway's or sunoapi's origin must be configured
+}
+
+# Typical render time per kind (seconds): the first poll comes after a fraction of it.
+DEFAULT_TYPICAL_SECONDS: dict[str, dict[str, float]] = {
+    "sora": {"video": 120},
+    "veo": {"video": 90},
+    "kling": {"video": 180},
+    "runway": {"video": 60},
+    "suno": {"audio": 60},
+    "replicate": {"image": 8, "video": 90, "audio": 40},
+    "fal": {"image": 6, "video": 90, "audio": 30},
+}
+
+SANDBOX_KEY = "sandbox-key"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATELIER_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    storage_url: str = "./.atelier/storage"
+    s3_endpoint_url: str | None = None
+    # Endpoint that presigned output URLs name, when clients reach the store at another address
+    # than Atelier does (e.g. MinIO in docker compose: http://minio:9000 inside, localhost:9000 outside).
+    s3_public_endpoint_url: str | None = None
+    public_url: str = "http://127.0.0.1:8000"
+    config_file: Path | None = None
+
+    # Ask providers to call us back (auto: when the public URL is HTTPS, or in sandbox mode).
+    callbacks: Literal["auto", "on", "off"] = "auto"
+    sandbox: bool = False
+    sandbox_url: str = "http://127.0.0.1:8790"
+
+    # Secret for signing local-storage file URLs; generated and kept in Redis when unset.
+    file_url_secret: SecretStr | None = None
+    output_url_ttl_seconds: int = 3600
+    webhook_url_ttl_seconds: int = 7 * 24 * 3600
+    max_output_bytes: int = 2 * 1024**3
+    max_request_bytes: int = 1024 * 1024
+    idempotency_ttl_seconds: int = 7 * 24 * 3600
+    max_batch_request_bytes: int = 32 * 1024 * 1024
+    batch_progress_interval_seconds: float = 10.0
+
+    http_timeout_seconds: float = 30.0
+    poll_min_seconds: float = 2.0
+    poll_max_seconds: float = 60.0
+    poll_backoff: float = 1.6
+    # With a request budget (rpm), spend what due polls leave unused on reading waiting jobs before their
+    # schedule says, each no more often than its share of the budget (finished work is noticed sooner).
+    poll_spare_budget: bool = True
+    job_timeout_seconds: float = 3 * 3600.0
+    submit_max_attempts: int = 8
+    # A provider key taken out of the pool for want of balance is tried again after this long
+    # (a refused key stays out until `atelier provider-keys restore`).
+    key_recheck_seconds: float = Field(900.0, gt=0)
+
+    webhook_timeout_seconds: float = 10.0
+    webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
+    # Send webhooks to loopback, private, link-local... addresses (off: refused at registration and delivery).
+    webhook_allow_private: bool = False
+    # A webhook endpoint whose deliveries have failed without a success for this long is disabled.
+    webhook_disable_after_seconds: float = 5 * 24 * 3600.0
+
+    queue_name: str = "atelier:jobs"
+    webhook_queue_name: str = "atelier:webhooks"
+    worker_max_jobs: int = 200
+    worker_poll_delay: float = 0.05
+    sweep_grace_seconds: float = 90.0
+    # `atelier worker` serves Prometheus metrics and /healthz on this port (0: off).
+    worker_metrics_port: int = 9100
+
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+
+    sora_api_key: SecretStr | None = None
+    sora_base_url: str | None = None
+    veo_api_key: SecretStr | None = None
+    veo_base_url: str | None = None
+    kling_api_key: SecretStr | None = None  # a gateway's key (Bearer) instead of Kling's own key pair
+    kling_access_key: SecretStr | None = None
+    kling_secret_key: SecretStr | None = None
+    kling_base_url: str | None = None
+    runway_api_key: SecretStr | None = None
+    runway_base_url: str | None = None
+    suno_api_key: SecretStr | None = None
+    suno_base_url: str | None = None
+    suno_flavor: Literal["gateway", "sunoapi"] = "gateway"
+    replicate_api_key: SecretStr | None = None
+    replicate_base_url: str | None = None
+    replicate_webhook_secret: SecretStr | None = None
+    fal_api_key: SecretStr | None = None
+    fal_base_url: str | None = None
+    fal_jwks_url: str = "https://rest.alpha.fal.ai/.well-known/jwks.json"
+
+    # Per provider and per API key: tasks in flight, and requests per minute (submits and polls).
+    sora_concurrency: int | None = None
+    sora_rpm: float | None = None
+    veo_concurrency: int | None = None
+    veo_rpm: float | None = None
+    kling_concurrency: int | None = None
+    kling_rpm: float | None = None
+    runway_concurrency: int | None = None
+    runway_rpm: float | None = None
+    suno_concurrency: int | None = None
+    suno_rpm: float | None = None
+    replicate_concurrency: int | None = None
+    replicate_rpm: float | None = None
+    fal_concurrency: int | None = None
+    fal_rpm: float | None = None
+
+    providers_file: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)
+
+    @field_validator("storage_url")
+    @classmethod
+    def _absolute_storage(cls, value: str) -> str:
+        if "://" in value:
+            return value
+        return "file://" + str(Path(value).expanduser().resolve())
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.config_file is not None and not self.providers_file:
+            data = tomllib.loads(Path(self.config_file).read_text())
+            self.providers_file = dict(data.get("providers", {}))
+
+    @property
+    def callbacks_enabled(self) -> bool:
+        if self.callbacks == "auto":
+            return self.sandbox or self.public_url.startswith("https://")
+        return self.callbacks == "on"
+
+    @property
+    def retry_schedule(self) -> list[float]:
+        return [float(x) for x in self.webhook_retry_schedule.split(",") if x.strip()]
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret (provider keys, signing secrets): the logs mask them."""
+        values = [v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr)]
+        for cfg in self.provider_settings().values():
+            values += cfg.api_keys
+            values += [str(v) for k, v in cfg.extra.items() if "secret" in k or k.endswith("_key")]
+        return [v for v in values if v]
+
+    def provider_settings(self) -> dict[str, ProviderSettings]:
+        """Settings of every provider that has a base URL (configured, default, or sandbox)."""
+        result = {}
+        for name in PROVIDERS:
+            cfg = self._provider(name)
+            if cfg is not None:
+                result[name] = cfg
+        return result
+
+    def _provider(self, name: str) -> ProviderSettings | None:
+        file_cfg = dict(self.providers_file.get(name, {}))
+        env_url = getattr(self, f"{name}_base_url")
+        base_url = env_url or file_cfg.pop("base_url", None)
+        sandboxed = self.sandbox and not base_url
+        if sandboxed:
+            mount = "suno-api" if name == "suno" and self.suno_flavor == "sunoapi" else name
+            base_url = f"{self.sandbox_url.rstrip('/')}/{mount}"
+        base_url = base_url or DEFAULT_BASE_URLS[name]
+        if not base_url:
+            return None
+        keys = self._keys(name, file_cfg.pop("api_keys", None))
+        extra: dict[str, Any] = dict(file_cfg.pop("extra", {}))
+        if name == "kling":
+            extra.setdefault("access_key", _secret(self.kling_access_key) or ("sandbox-ak" if sandboxed else ""))
+            extra.setdefault("secret_key", _secret(self.kling_secret_key) or ("sandbox-sk" if sandboxed else ""))
+            if not keys and extra["access_key"]:
+                keys = [extra["access_key"]]
+        if name == "suno":
+            extra.setdefault("flavor", self.suno_flavor)
+        if name == "fal":
+            explicit = "fal_jwks_url" in self.model_fields_set
+            extra.setdefault("jwks_url", self.fal_jwks_url if explicit or not sandboxed
+                             else f"{base_url}/.well-known/jwks.json")
+            if not keys and sandboxed:
+                keys = [f"{SANDBOX_KEY}-id:{SANDBOX_KEY}-secret"]  # fal keys are '<key_id>:<key_secret>'
+        if name == "replicate" and self.replicate_webhook_secret:
+            extra.setdefault("webhook_secret", self.replicate_webhook_secret.get_secret_value())
+        if not keys and sandboxed:
+            keys = [SANDBOX_KEY]
+        typical = dict(DEFAULT_TYPICAL_SECONDS[name])
+        if sandboxed:
+            typical = {kind: 1.0 for kind in typical}
+        typical.update(file_cfg.pop("typical_seconds", {}))
+        return ProviderSettings(
+            name=name,
+            base_url=base_url,
+            api_keys=keys,
+            timeout_seconds=float(file_cfg.pop("timeout_seconds", self.http_timeout_seconds)),
+            typical_seconds=typical,
+            poll_initial_seconds=file_cfg.pop("poll_initial_seconds", None),
+            poll_max_seconds=float(file_cfg.pop("poll_max_seconds", self.poll_max_seconds)),
+            job_timeout_seconds=float(file_cfg.pop("job_timeout_seconds", self.job_timeout_seconds)),
+            job_timeout_by_model=_timeouts_by_model(name, file_cfg.pop("job_timeout_by_model", {})),
+            concurrency=getattr(self, f"{name}_concurrency") or file_cfg.pop("concurrency", None),
+            rpm=getattr(self, f"{name}_rpm") or file_cfg.pop("rpm", None),
+            extra=extra | file_cfg,
+        )
+
+    def _keys(self, name: str, from_file: list[str] | None) -> list[str]:
+        env_value = _secret(getattr(self, f"{name}_api_key", None))
+        if env_value:
+            return [k.strip() for k in env_value.split(",") if k.strip()]
+        return list(from_file or [])
+
+
+def _timeouts_by_model(provider: str, table: Any) -> dict[str, float]:
+    """``job_timeout_by_model`` of a provider's TOML table: model (or pattern) -> positive seconds."""
+    where = f"[providers.{provider}] job_timeout_by_model"
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table of model = seconds")
+    result = {}
+    for model, seconds in table.items():
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+            raise ValueError(f"{where}: {model!r} must be a positive number of seconds, not {seconds!r}")
+        result[str(model)] = float(seconds)
+    return result
+
+
+def _secret(value: SecretStr | None) -> str:
+    return value.get_secret_value() if value is not None else ""

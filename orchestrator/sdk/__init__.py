@@ -1,0 +1,1 @@
+"""The Python client SDK: depends only on ``orchestrator.wire``, httpx and pydantic."""

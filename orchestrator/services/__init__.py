@@ -1,0 +1,2 @@
+"""The services the API and the workers share (jobs, batches, views, slots) and the composition root
+(``runtime``)."""

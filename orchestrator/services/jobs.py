@@ -1,0 +1,184 @@
+"""Job life cycle: creating jobs and applying transitions with the webhooks they cause.
+
+Both the API and the workers go through ``Jobs``: the state machine itself is
+``orchestrator.domain.transitions``; here a transition is stored (compare-and-set,
+with its event and deliveries in one step) and announced to whoever must know a
+job finished (its provider slot, its batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.domain.deadlines import deadline_for
+from orchestrator.domain.ids import new_id, token
+from orchestrator.domain.job import Job
+from orchestrator.domain.transitions import ALLOWED, IllegalTransition, derive
+from orchestrator.domain.webhooks import NOTIFY_STATUSES, Delivery, Endpoint, job_event_payload, new_delivery
+from orchestrator.infra import metrics
+from orchestrator.infra.settings import Settings
+from orchestrator.services.views import JobViews
+from orchestrator.store.endpoints import Endpoints
+from orchestrator.store.jobs import REMOVE, EndpointsChanged, JobStore
+from orchestrator.store.queue import Queue
+from orchestrator.wire.jobs import TERMINAL, JobError, JobEvent, JobRequest, JobStatus, JobView, utcnow
+from providers.contract import ProviderSettings
+
+log = logging.getLogger("atelier.jobs")
+
+S = JobStatus
+
+
+# Times ``transition`` makes its webhook deliveries again after the tenant's endpoints changed under it.
+ENDPOINT_RETRIES = 3
+MAX_KNOWN_TENANTS = 10_000
+
+
+def body_hash(request: JobRequest) -> str:
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# Told that a job finished: (the job as saved, whether its change finished the job's batch).
+FinishHook = Callable[[Job, bool], Awaitable[None]]
+
+
+@dataclass
+class Jobs:
+    settings: Settings
+    store: JobStore
+    queue: Queue
+    views: JobViews
+    endpoints: Endpoints  # the tenants' webhook endpoints (events fan out to them)
+    # Called, in order, after a job reached a terminal state: free its provider slot, count its batch.
+    finish_hooks: Sequence[FinishHook] = ()
+    # tenant -> (fingerprint, endpoints): what ``transition`` fans events out to, re-read when the
+    # store says they changed.
+    _known_endpoints: dict[str, tuple[str, list[Endpoint]]] = field(default_factory=dict)
+
+    async def _endpoints(self, tenant: str, *, refresh: bool = False) -> tuple[str, list[Endpoint]]:
+        """The tenant's webhook endpoints and their fingerprint (``store.endpoints_fingerprint``)."""
+        known = None if refresh else self._known_endpoints.get(tenant)
+        if known is None:
+            known = await self.endpoints.snapshot(tenant)
+            if len(self._known_endpoints) >= MAX_KNOWN_TENANTS:
+                self._known_endpoints.clear()
+            self._known_endpoints[tenant] = known
+        return known
+
+    async def view(self, job: Job, url_ttl: int | None = None) -> JobView:
+        return await self.views.job(job, url_ttl)
+
+    # -- creating ----------------------------------------------------------------
+    async def create(self, tenant: str, request: JobRequest, *, idempotency_key: str | None = None,
+                     provider: ProviderSettings | None = None) -> tuple[Job, bool]:
+        """Record a job and schedule its submission. Returns ``(job, created)``.
+
+        ``provider``: the settings that give the job its deadline (see ``deadline_for``).
+        """
+        now = utcnow()
+        job = Job(
+            id=new_id("job"), tenant=tenant, provider=request.provider, kind=request.kind, model=request.model,
+            input=request.input, webhook_url=str(request.webhook_url) if request.webhook_url else None,
+            metadata=request.metadata, priority=request.priority,
+            retry_unknown_submissions=request.retry_unknown_submissions, idempotency_key=idempotency_key,
+            callback_token=token(), created_at=now, updated_at=now, timestamps={"queued": now},
+            deadline_at=deadline_for(request, provider, self.settings.job_timeout_seconds, now),
+        )
+        job, created = await self.store.create(
+            job, active_at=time.time() + self.settings.sweep_grace_seconds,
+            body_hash=body_hash(request) if idempotency_key else None,
+        )
+        if created:
+            metrics.job_created(job)
+            await self.queue.submit(job.id, job.attempts)
+        return job, created
+
+    # -- changing ------------------------------------------------------------------
+    async def transition(self, job: Job, status: JobStatus, *, active_at: float | None = None,
+                         **changes: Any) -> Job:
+        """Move ``job`` to ``status`` (compare-and-set), log the event, create its webhooks."""
+        if status != job.status and status not in ALLOWED.get(job.status, frozenset()):
+            raise IllegalTransition(f"{job.status} -> {status}")
+        now = utcnow()
+        new = derive(job, {**changes, "status": status})
+        if status != job.status:
+            new.timestamps = {**job.timestamps, status.value: now}
+        if status in TERMINAL:
+            active_at = REMOVE
+            if status == S.succeeded:
+                new.progress = 100
+            new.phase = None
+        event = None
+        if status != job.status:
+            event = JobEvent(sequence=0, type=f"job.{status.value}", status=status, at=now,
+                             progress=new.progress, error=new.error, note=new.note)
+        for attempt in range(ENDPOINT_RETRIES + 1):
+            deliveries: list[Delivery] = []
+            fingerprint = None
+            if event is not None and status in NOTIFY_STATUSES:
+                # The endpoints as last seen by this process; the store checks, in the same step as
+                # the change, that they are still the tenant's (else: read them again, retry).
+                fingerprint, known = await self._endpoints(job.tenant, refresh=attempt > 0)
+                endpoints = [e for e in known if e.wants(event.type)]
+                if attempt == ENDPOINT_RETRIES:
+                    fingerprint = None  # (endpoints changing without pause: as read just now)
+                if new.webhook_url or endpoints:
+                    new.version = job.version + 1
+                    view = await self.view(new, self.settings.webhook_url_ttl_seconds)
+                    payload = job_event_payload(event.type, view)
+                    if new.webhook_url:
+                        deliveries.append(new_delivery(job.tenant, new.webhook_url, event.type, view,
+                                                       payload=payload))
+                    deliveries += [new_delivery(job.tenant, e.url, event.type, view, payload=payload,
+                                                endpoint_id=e.id) for e in endpoints]
+            try:
+                saved, finished_batch = await self.store.apply(job, new, event=event, active_at=active_at,
+                                                               deliveries=deliveries, endpoints=fingerprint)
+                break
+            except EndpointsChanged:
+                continue
+        else:  # pragma: no cover - the last attempt does not check
+            raise AssertionError("unreachable")
+        metrics.job_changed(job, saved)
+        if event is not None:
+            log.info("job %s", event.type, extra={"job_id": job.id, "tenant": job.tenant,
+                                                   "provider": job.provider, "event": event.type})
+        for delivery in deliveries:
+            await self.queue.deliver(delivery.id, 0)
+        if status in TERMINAL and not job.status.terminal:
+            for hook in self.finish_hooks:
+                await hook(saved, finished_batch)
+        return saved
+
+    async def change(self, job: Job, *, active_at: float | None = None, **changes: Any) -> Job:
+        """Update fields without a state change (progress, provider status, notes)."""
+        new = derive(job, changes)
+        if new.phase == "collecting" and job.phase != "collecting":
+            new.outputs_ready_at = time.time()
+        saved = await self.store.update(job, new, active_at=active_at)
+        metrics.job_changed(job, saved)
+        return saved
+
+    async def fail(self, job: Job, code: str, message: str, detail: Any = None,
+                   status: JobStatus = S.failed, **changes: Any) -> Job:
+        log.warning("job failed: %s: %s", code, message,
+                    extra={"job_id": job.id, "tenant": job.tenant, "provider": job.provider,
+                           "event": f"job.{status.value}.error"})
+        return await self.transition(job, status, error=JobError(code=code, message=message,
+                                                                    provider_detail=detail), **changes)
+
+    async def cancel(self, job: Job) -> Job:
+        """Cancel now; a task already at the provider is told to stop by a worker."""
+        told_later = job.status in (S.submitting, S.submitted, S.running)
+        note = "cancel requested; telling the provider" if told_later else "canceled before submission"
+        job = await self.transition(job, S.canceled, note=note)
+        if told_later:
+            await self.queue.cancel_at_provider(job.id)
+        return job

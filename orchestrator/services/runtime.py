@@ -1,0 +1,95 @@
+"""The composition root: every service a process needs, built once from ``Settings``.
+
+The API and the worker each open one ``Runtime``; nothing below the API and the workers
+imports it. Services get their collaborators at construction (no hooks set afterwards).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from arq.connections import ArqRedis
+
+from orchestrator.infra import logs, metrics
+from orchestrator.infra.settings import Settings
+from orchestrator.infra.storage import Storage, open_storage
+from orchestrator.services.batches import Batches, BatchEvents
+from orchestrator.services.jobs import Jobs
+from orchestrator.services.slots import Slots
+from orchestrator.services.views import JobViews
+from orchestrator.store.batches import BatchStore
+from orchestrator.store.endpoints import Endpoints
+from orchestrator.store.jobs import JobStore
+from orchestrator.store.polls import PollBoard
+from orchestrator.store.queue import Queue, connect
+from orchestrator.store.tenants import shared_secret
+from orchestrator.store.throttle import Limits, Throttle
+from providers.registry import Registry
+
+KEEPALIVE = 8  # idle connections kept per HTTP pool
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: ArqRedis
+    store: JobStore
+    queue: Queue
+    storage: Storage
+    registry: Registry
+    jobs: Jobs
+    batches: Batches
+    endpoints: Endpoints
+    slots: Slots
+    http: httpx.AsyncClient  # output downloads (any host)
+    provider_http: dict[str, httpx.AsyncClient]  # API calls: one small pool per provider
+    throttle: Throttle
+    polls: PollBoard
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Runtime:
+        redis = await connect(settings.redis_url, settings.queue_name)
+        secret = (settings.file_url_secret.get_secret_value() if settings.file_url_secret
+                  else await shared_secret(redis, "file-url"))
+        storage = open_storage(settings.storage_url, public_url=settings.public_url, secret=secret,
+                               s3_endpoint_url=settings.s3_endpoint_url,
+                               s3_public_endpoint_url=settings.s3_public_endpoint_url)
+        store = JobStore(redis, settings.idempotency_ttl_seconds)
+        queue = Queue(redis, settings.queue_name, settings.webhook_queue_name)
+        registry = Registry(settings.provider_settings())
+        logs.mask_secrets(settings.secret_values())
+        metrics.provider_keys({name: len(p.settings.api_keys) for name, p in registry.providers.items()})
+        classify = metrics.ProviderClassifier({name: p.base_url for name, p in registry.providers.items()})
+
+        def client(max_connections: int) -> httpx.AsyncClient:
+            # Few idle connections per pool: httpcore checks each pooled connection (a system call) on
+            # every request; with 50 kept alive a request cost ~1.7 ms of CPU, with 5 ~0.6 ms (measured).
+            return metrics.MeteredClient(
+                classify, timeout=httpx.Timeout(settings.http_timeout_seconds, connect=10.0),
+                limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=KEEPALIVE),
+                follow_redirects=False)
+
+        throttle = Throttle(redis, {name: Limits(p.settings.concurrency, p.settings.rpm)
+                                    for name, p in registry.providers.items()})
+        polls = PollBoard(redis, store.ACTIVE)
+        endpoints = Endpoints(store)
+        slots = Slots(store, queue, throttle, polls)
+        events = BatchEvents(store, BatchStore(redis, settings.idempotency_ttl_seconds), endpoints, queue,
+                             settings.batch_progress_interval_seconds)
+        jobs = Jobs(settings, store, queue, JobViews(storage, settings.output_url_ttl_seconds), endpoints,
+                    finish_hooks=(slots.job_finished, events.on_job_finished))
+        return cls(settings=settings, redis=redis, store=store, queue=queue, storage=storage,
+                   registry=registry, jobs=jobs, batches=Batches(jobs, events), endpoints=endpoints, slots=slots,
+                   http=client(200), provider_http={name: client(100) for name in registry.providers},
+                   throttle=throttle, polls=polls)
+
+    def http_for(self, provider: str) -> httpx.AsyncClient:
+        """The client for ``provider``'s API."""
+        return self.provider_http.get(provider, self.http)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        for client in self.provider_http.values():
+            await client.aclose()
+        await self.redis.aclose()

@@ -1,0 +1,37 @@
+"""Rendering a job record as clients see it: the API's responses and the webhooks' payloads.
+
+Output URLs are minted here, when a view is rendered (presigned S3 URLs, or signed links to the
+API's file route), never stored: the state machine knows nothing of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.domain.job import Job
+from orchestrator.infra.storage import Storage
+from orchestrator.wire.jobs import JobView, OutputView
+
+
+@dataclass
+class JobViews:
+    storage: Storage
+    url_ttl_seconds: int
+
+    async def job(self, job: Job, url_ttl: int | None = None) -> JobView:
+        ttl = url_ttl or self.url_ttl_seconds
+        outputs = [
+            OutputView(index=o.index, url=await self.storage.url(o.key, ttl), content_type=o.content_type,
+                       bytes=o.bytes, sha256=o.sha256, width=o.width, height=o.height,
+                       duration_seconds=o.duration_seconds, metadata=o.metadata)
+            for o in job.outputs
+        ]
+        return JobView(
+            id=job.id, status=job.status, phase=job.phase, provider=job.provider, kind=job.kind,
+            model=job.model, input=job.input, priority=job.priority, progress=job.progress, outputs=outputs,
+            error=job.error, provider_task_id=job.provider_task_id, provider_request_id=job.provider_request_id,
+            provider_status=job.provider_status, note=job.note, attempts=job.attempts, metadata=job.metadata,
+            webhook_url=job.webhook_url, batch_id=job.batch_id, ref=job.ref, created_at=job.created_at,
+            updated_at=job.updated_at, timestamps=job.timestamps, deadline_at=job.deadline_at,
+            sequence=job.version,
+        )

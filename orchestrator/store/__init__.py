@@ -1,0 +1,1 @@
+"""Redis: the only package that knows keys (``keys``) and scripts (``scripts/*.lua``)."""

@@ -1,0 +1,74 @@
+-- Compare-and-set a job to its next version, with everything that must not be separated from it:
+-- the event log entry, the tenant status indexes, the sweeper's index, the webhook deliveries the
+-- change causes (and their endpoint indexes) and the batch counters.
+-- KEYS: 1 job, 2 job events, 3 tenant old-status set, 4 tenant new-status set, 5 active, 6 webhook due,
+--       7 batch hash (or a dummy), 8 the tenant's webhook endpoints hash (or a dummy), 9.. webhook deliveries
+-- ARGV: 1 expected version, 2 job JSON, 3 new status, 4 job id, 5 event JSON or '', 6 active ('' keep,
+--       '-' remove, else score), 7 now ms, 8 delivery key prefix, 9 old status, 10 batch id or '',
+--       11 '1' if the new status is terminal and the old one was not, 12 the fingerprint of the
+--       endpoints the deliveries were made for ('' when not checked; see ``endpoints_fingerprint``),
+--       13.. delivery JSON, then one endpoint delivery index key (or '') per delivery, in the same order
+-- Returns {new version, 1 if this finished the batch}, or {-1, 0} (no such job), {0, 0} (version
+-- changed), {-2, 0} (the endpoints changed: nothing was written).
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return {-1, 0} end
+if v ~= ARGV[1] then return {0, 0} end
+if ARGV[12] ~= '' then
+  local vals = redis.call('HVALS', KEYS[8])
+  local fp = '0'
+  if #vals > 0 then
+    for i = 1, #vals do vals[i] = redis.sha1hex(vals[i]) end
+    table.sort(vals)
+    fp = redis.sha1hex(table.concat(vals, ','))
+  end
+  if fp ~= ARGV[12] then return {-2, 0} end
+end
+local nv = tonumber(v) + 1
+redis.call('HSET', KEYS[1], 'v', nv, 'd', ARGV[2], 's', ARGV[3])
+if KEYS[3] ~= KEYS[4] then
+  redis.call('ZREM', KEYS[3], ARGV[4])
+  redis.call('ZADD', KEYS[4], 0, ARGV[4])
+end
+if ARGV[5] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[5])
+  redis.call('PUBLISH', KEYS[2], nv)
+end
+if ARGV[6] == '-' then
+  redis.call('ZREM', KEYS[5], ARGV[4])
+elseif ARGV[6] ~= '' then
+  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[4])
+end
+local n = #KEYS - 8
+for i = 9, #KEYS do
+  local id = string.sub(KEYS[i], string.len(ARGV[8]) + 1)
+  redis.call('SET', KEYS[i], ARGV[i + 4])
+  redis.call('ZADD', KEYS[6], ARGV[7], id)
+  local idx = ARGV[i + 4 + n]
+  if idx and idx ~= '' then
+    redis.call('ZADD', idx, 0, id)
+    redis.call('ZADD', idx .. ':pending', 0, id)
+  end
+end
+local finished = 0
+if ARGV[10] ~= '' and ARGV[9] ~= ARGV[3] then
+  local b = KEYS[7]
+  redis.call('HINCRBY', b, 'c:' .. ARGV[9], -1)
+  redis.call('HINCRBY', b, 'c:' .. ARGV[3], 1)
+  redis.call('ZREM', b .. ':st:' .. ARGV[9], ARGV[4])
+  redis.call('ZADD', b .. ':st:' .. ARGV[3], 0, ARGV[4])
+  if ARGV[5] ~= '' then
+    local seq = redis.call('HINCRBY', b, 'seq', 1)
+    redis.call('RPUSH', b .. ':ev', '{"sequence":' .. seq .. ',"job_id":"' .. ARGV[4] .. '","event":' .. ARGV[5] .. '}')
+    redis.call('PUBLISH', b .. ':ev', seq)
+  end
+  if ARGV[11] == '1' then
+    local done = redis.call('HINCRBY', b, 'done', 1)
+    if redis.call('HGET', b, 'accepted') == '1' and done >= tonumber(redis.call('HGET', b, 'total') or '0') then
+      if redis.call('HSETNX', b, 'finished_at', ARGV[7]) == 1 then
+        redis.call('ZADD', KEYS[6] .. ':batches', ARGV[7], ARGV[10])
+        finished = 1
+      end
+    end
+  end
+end
+return {nv, finished}

@@ -1,0 +1,7 @@
+-- Free job ARGV[1]'s slot and return the waiting jobs that may now take one.
+-- KEYS: 1 inflight set, 2 waiting line; ARGV: 1 job id, 2 cap
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local free = tonumber(ARGV[2]) - redis.call('SCARD', KEYS[1])
+if free <= 0 then return {} end
+return redis.call('ZRANGE', KEYS[2], 0, free - 1)

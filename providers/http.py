@@ -1,0 +1,112 @@
+"""HTTP helpers shared by the adapters: sending without ever hiding an ambiguous submission,
+reading JSON defensively, and the status codes that mean the same thing at every provider."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from providers.errors import (
+    AuthFailed,
+    InsufficientBalance,
+    MalformedResponse,
+    OutcomeUnknown,
+    RateLimited,
+    Rejected,
+    TaskNotFound,
+    Unavailable,
+)
+
+
+def retry_after_seconds(headers: Mapping[str, str], default: float | None = None) -> float | None:
+    """Parse ``Retry-After`` (seconds or an HTTP date)."""
+    value = headers.get("retry-after")
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else default
+
+
+async def send(http: httpx.AsyncClient, request: httpx.Request, *, creates: bool = False) -> httpx.Response:
+    """Send a request, mapping transport failures to provider errors.
+
+    For a request that ``creates`` a billable task, anything that may have reached
+    the provider is ``OutcomeUnknown``; a failure to connect is ``Unavailable``
+    (nothing was sent).
+    """
+    try:
+        return await http.send(request)
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        raise Unavailable(f"could not connect to provider: {exc.__class__.__name__}") from exc
+    except httpx.TransportError as exc:
+        if creates:
+            raise OutcomeUnknown(
+                f"the submission may have reached the provider ({exc.__class__.__name__}); "
+                "its outcome is unknown"
+            ) from exc
+        raise Unavailable(f"provider request failed: {exc.__class__.__name__}") from exc
+
+
+# new-api / one-api gateways: the token's or the user's quota is used up (HTTP 403 with one of these
+# codes, or a 401 from the token check that only says so in its message).
+GATEWAY_QUOTA_CODES = frozenset({"quota_not_enough", "insufficient_user_quota", "pre_consume_token_quota_failed",
+                                 "insufficient_quota"})
+_GATEWAY_QUOTA_TEXT = re.compile(r"额度不足|额度已用尽|insufficient (user )?quota|quota (is )?(not enough|exhausted)",
+                                 re.IGNORECASE)
+
+
+def gateway_quota_exhausted(code: Any, message: str) -> bool:
+    """Whether a gateway error means the key's quota (balance) ran out, not a bad key."""
+    return str(code or "") in GATEWAY_QUOTA_CODES or bool(_GATEWAY_QUOTA_TEXT.search(message or ""))
+
+
+def parse_json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        excerpt = response.text[:200]
+        raise MalformedResponse(
+            f"provider answered HTTP {response.status_code} with a body that is not JSON",
+            detail={"body_excerpt": excerpt}, status_code=response.status_code,
+        ) from exc
+
+
+def expect_object(body: Any, what: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise MalformedResponse(f"provider {what} is not a JSON object", detail={"body": str(body)[:200]})
+    return body
+
+
+def raise_for_common_status(response: httpx.Response, *, creates: bool = False, detail: Any = None) -> None:
+    """Map non-2xx statuses that mean the same thing at every provider."""
+    status = response.status_code
+    if status < 400:
+        return
+    body_detail = detail if detail is not None else response.text[:500]
+    if status == 429:
+        raise RateLimited("provider rate limit (HTTP 429)", retry_after=retry_after_seconds(response.headers),
+                          detail=body_detail)
+    if status == 402:  # Payment Required: the account behind the key is out of credit (Replicate...)
+        raise InsufficientBalance("provider says the account is out of credit (HTTP 402)", detail=body_detail,
+                                  status_code=status)
+    if status in (401, 403):
+        raise AuthFailed(f"provider refused the credentials (HTTP {status})", detail=body_detail,
+                         status_code=status)
+    if status >= 500:
+        if creates and status != 503:
+            # Only 503 (not accepting work) proves nothing was created; 500/502/504 may follow acceptance.
+            raise OutcomeUnknown(f"provider answered HTTP {status} to a submission", detail=body_detail,
+                                 status_code=status)
+        raise Unavailable(f"provider unavailable (HTTP {status})", detail=body_detail, status_code=status)
+    if status in (404, 410) and not creates:
+        raise TaskNotFound(f"provider does not know this task (HTTP {status})", detail=body_detail,
+                           status_code=status)
+    raise Rejected(f"provider refused the request (HTTP {status})", detail=body_detail, status_code=status)

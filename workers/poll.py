@@ -1,0 +1,210 @@
+"""The poll step: one status fetch (many, where the provider reads many per request), applied to
+the job, and the next poll put on the key's poll board (``orchestrator.store.polls``; the poller in
+``workers.polling`` takes due polls as the key's budget allows). What each provider error means
+here is ``workers.actions.ON_POLL``."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+from orchestrator.domain.deadlines import deadline_passed
+from orchestrator.domain.job import Job, task_ref
+from orchestrator.domain.schedule import poll_delay, poll_rank, woken_rank
+from orchestrator.services.runtime import Runtime
+from orchestrator.store import keypool
+from orchestrator.store.jobs import Conflict
+from orchestrator.wire.jobs import TERMINAL, JobStatus
+from providers.contract import Provider, TaskStatus
+from providers.errors import AuthFailed, InsufficientBalance, ProviderError, RateLimited
+from workers.actions import ON_POLL, Action, action_for
+from workers.context import call_context, fail_current, load_job, log, log_extra, runtime_of, through_redis_outage
+from workers.keys import take_key_out
+
+S = JobStatus
+MAX_MALFORMED_POLLS = 3
+
+
+async def poll_job(ctx: dict[str, Any], job_id: str, seq: int) -> None:
+    """An arq poll (queued by an earlier version, or by hand): polls now go through the poll board
+    (``workers/polling.py``), which spends the budget before handing a poll out; this one spends it."""
+    await poll(runtime_of(ctx), job_id, seq, budget_spent=False)
+
+
+async def _pollable(rt: Runtime, job: Job | None, seq: int) -> tuple[Job, Provider] | None:
+    """The job and its provider when poll ``seq`` is still wanted (else ``None``, handled)."""
+    if job is None or job.status not in (S.submitted, S.running) or job.poll_seq != seq:
+        return None  # finished, or a newer poll superseded this one
+    if job.phase == "collecting" or not job.provider_task_id:
+        return None
+    provider = rt.registry.get(job.provider)
+    if provider is None:
+        await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
+        return None
+    if deadline_passed(job):
+        await _time_out(rt, job)
+        return None
+    return job, provider
+
+
+async def poll(rt: Runtime, job_id: str, seq: int, *, budget_spent: bool = True) -> None:
+    """One status fetch for poll ``seq`` of the job; applies it and schedules the next poll."""
+    found = await _pollable(rt, await load_job(rt, job_id), seq)
+    if found is None:
+        return
+    job, provider = found
+    if not budget_spent and job.key_id:
+        budget_wait = await rt.throttle.wait_ms(job.provider, job.key_id) / 1000
+        if budget_wait > 0:
+            await _next_poll(rt, provider, job, budget_wait)
+            return
+    try:
+        status = await provider.fetch(call_context(rt, provider, job), task_ref(job))
+    except ProviderError as exc:
+        await _poll_failed(rt, provider, job, exc)
+        return
+    except keypool.KeyUnavailable as exc:
+        await fail_current(rt, job, exc.code, exc.message, exc.detail)
+        return
+    await apply_status(rt, provider, job, status)
+
+
+async def poll_group(rt: Runtime, polls: list[tuple[str, int]]) -> None:
+    """Read many jobs of one provider key with one request (``Provider.fetch_many``).
+
+    A job missing from the answer is polled on its own (that read spends the budget itself), so
+    an unknown task still gets its own error.
+    """
+    jobs = await rt.store.get_many([job_id for job_id, _ in polls])
+    live: list[Job] = []
+    provider: Provider | None = None
+    for job, (_, seq) in zip(jobs, polls, strict=True):
+        found = await _pollable(rt, job, seq)
+        if found is not None:
+            live.append(found[0])
+            provider = found[1]
+    if not live or provider is None:
+        return
+    statuses: dict[str, TaskStatus] = {}
+    try:
+        statuses = await provider.fetch_many(call_context(rt, provider, live[0]), [task_ref(j) for j in live])
+    except ProviderError as exc:
+        if action_for(ON_POLL, exc) in (Action.WAIT, Action.POLL_LATER, Action.POLL_LATER_COUNTED):
+            for job in live:
+                await _poll_failed(rt, provider, job, exc)
+            return
+        # e.g. one bad id spoils the request: read each on its own for its own error
+    except keypool.KeyUnavailable:
+        pass  # each read on its own fails with its own message
+    for job in live:
+        status = statuses.get(job.provider_task_id or "")
+        if status is None:
+            await poll(rt, job.id, job.poll_seq, budget_spent=False)
+        else:
+            await apply_status(rt, provider, job, status)
+
+
+async def _poll_failed(rt: Runtime, provider: Provider, job: Job, exc: ProviderError) -> None:
+    match action_for(ON_POLL, exc):
+        case Action.WAIT:
+            # The provider's limit binds the key, not only this job: pause the key's whole budget.
+            retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+            pause = retry_after or poll_delay(rt.settings, provider, job) * 2
+            if job.key_id:
+                await rt.throttle.pause(job.provider, job.key_id, pause)
+            await _next_poll(rt, provider, job, pause, note=exc.message)
+        case Action.POLL_LATER:
+            await _next_poll(rt, provider, job, None, note=exc.message)
+        case Action.POLL_LATER_COUNTED:
+            if job.poll_errors + 1 >= MAX_MALFORMED_POLLS:
+                await fail_current(rt, job, exc.code, f"{exc.message} ({job.poll_errors + 1} times in a row)",
+                                   exc.detail)
+            else:
+                await _next_poll(rt, provider, job, None, note=exc.message, poll_errors=job.poll_errors + 1)
+        case Action.KEY_OUT_AND_FAIL if isinstance(exc, AuthFailed | InsufficientBalance) and job.key_id:
+            # Only this key can follow the task, so the job fails; new jobs must not use the key either.
+            await take_key_out(rt, provider, job, job.key_id, exc)
+            await fail_current(rt, job, exc.code, exc.message, exc.detail)
+        case _:
+            await fail_current(rt, job, exc.code, exc.message, exc.detail)
+
+
+async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskStatus) -> None:
+    """Apply a fetched provider status to the job (also used after callbacks)."""
+    common: dict[str, Any] = {"provider_status": status.raw_status, "polls": job.polls + 1, "poll_errors": 0}
+    if status.progress is not None:
+        common["progress"] = status.progress
+    if status.request_id:
+        common["provider_request_id"] = status.request_id
+    if status.state == "queued" and status.queue_position is not None:
+        common["note"] = f"queue position {status.queue_position} at {job.provider}"
+    elif job.note and job.note.startswith(("queue position", "throttled")):
+        common["note"] = None
+    try:
+        if status.state in ("queued", "unknown"):
+            if status.state == "unknown":
+                log.warning("unknown provider status %r; still waiting", status.raw_status,
+                            extra=log_extra(job, "status.unknown"))
+            await _next_poll(rt, provider, job, status.poll_after, **common)
+        elif status.state == "running":
+            if job.status == S.submitted:
+                job = await rt.jobs.transition(job, S.running, **common)
+                common = {}
+            await _next_poll(rt, provider, job, status.poll_after, **common)
+        elif status.state == "succeeded":
+            if job.status == S.submitted:
+                job = await rt.jobs.transition(job, S.running, **common)
+                common = {}
+            n = job.collects + 1
+            job = await rt.jobs.change(
+                job, phase="collecting", provider_outputs=status.outputs, collects=n,
+                # collect_outputs keeps this deadline fresh while it runs (workers/collect.py), so a
+                # collection lost with its worker is re-scheduled after the grace, not minutes later.
+                active_at=time.time() + rt.settings.sweep_grace_seconds, **common)
+            await rt.queue.collect(job.id, n)
+        elif status.state == "failed":
+            await rt.jobs.fail(job, status.error_code or "provider_failed",
+                               status.error_message or "the provider reported the task failed",
+                               status.error_detail, **common)
+        elif status.state == "canceled":
+            await rt.jobs.fail(job, status.error_code or "provider_canceled",
+                               status.error_message or "the provider canceled the task",
+                               status.error_detail, status=S.canceled, **common)
+    except Conflict:
+        log.info("job changed while applying a status; the newer state stands",
+                 extra=log_extra(job, "status.superseded"))
+
+
+async def _next_poll(rt: Runtime, provider: Provider, job: Job, hint: float | None, **changes: Any) -> None:
+    delay = poll_delay(rt.settings, provider, job, hint)
+    seq = job.poll_seq + 1
+    try:
+        job = await rt.jobs.change(job, poll_seq=seq, active_at=time.time() + delay + rt.settings.sweep_grace_seconds,
+                                   **changes)
+    except Conflict:
+        return
+    await schedule_poll(rt, provider, job, delay)
+
+
+async def retry_polls(rt: Runtime, polls: list[tuple[str, int]], delay: float) -> None:
+    """Put polls that crashed back on their boards (through a Redis outage, if that was the cause)."""
+    for job, (_, seq) in zip(await through_redis_outage(lambda: rt.store.get_many([i for i, _ in polls])),
+                             polls, strict=True):
+        if job is not None and job.poll_seq == seq and job.status not in TERMINAL:
+            await through_redis_outage(functools.partial(
+                rt.polls.put, job.provider, job.key_id, job.id, seq, time.time() + delay, woken_rank(time.time())))
+
+
+async def schedule_poll(rt: Runtime, provider: Provider, job: Job, delay: float) -> None:
+    """Put the job's current poll (``job.poll_seq``) on its key's poll board, ``delay`` seconds out."""
+    await rt.polls.put(job.provider, job.key_id, job.id, job.poll_seq, time.time() + delay, poll_rank(provider, job))
+
+
+async def _time_out(rt: Runtime, job: Job) -> None:
+    try:
+        job = await rt.jobs.fail(job, "timed_out", "the job passed its deadline at the provider",
+                                 status=S.timed_out)
+    except Conflict:
+        return
+    await rt.queue.cancel_at_provider(job.id)
