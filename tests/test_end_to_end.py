@@ -69,7 +69,7 @@ async def test_video_and_audio_outputs(stack, model, ctype):
 
 
 async def test_version_model_and_input_mapping(stack):
-    version = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
+    version = "39ed52f2a78e934b3ba6e2a89f5b1c712de7dfea535525255b1aa35c5565e08b"  # a real stability-ai/sdxl version
     async with api(stack) as client:
         job = await submit(client, model=f"stability-ai/sdxl:{version}",
                            input={"prompt": "p", "negative_prompt": "n", "seed": 9, "aspect_ratio": "1:1",

@@ -12,6 +12,11 @@ Routes (every one needs ``Authorization: Bearer <key>`` and ``X-Runway-Version: 
 - ``GET /v1/tasks/{id}``: ``{id, status, createdAt, ...}`` where status is ``THROTTLED``
   (stored, not yet enqueued) -> ``PENDING`` -> ``RUNNING`` (``progress``: float 0-1) ->
   ``SUCCEEDED`` (``output: [url]``) | ``FAILED`` (``failure``, ``failureCode``) | ``CANCELLED``.
+  Unfinished tasks carry ``estimatedCost: {credits: <float>}``, finished ones the final
+  ``cost: {credits: <int>}`` (the runwayml SDK's task types require them): the full price
+  for SUCCEEDED, for FAILED with ``SAFETY.INPUT.*`` (not refunded) and for a task
+  cancelled while RUNNING; 0 (refunded) for any other failure and for a task cancelled
+  before it ran (the refund rules beyond ``SAFETY.INPUT`` are a guess).
 - ``DELETE /v1/tasks/{id}``: cancels a THROTTLED/PENDING/RUNNING task (GET then shows
   ``CANCELLED``), deletes any other task (GET then 404, or ``CANCELLED`` with
   ``extra["deleted_task_get"] = "cancelled"``); 204 with no body.
@@ -155,7 +160,6 @@ class RunwaySimulator(Simulator):
         self.tasks: dict[str, SimTask] = {}
         self._slots: dict[str, list[float]] = {}  # per model: heap of times each slot frees up
         self._daily: Counter[tuple[str, str]] = Counter()
-        self.credits_used = 0
         self._cdn_secret = secrets.token_bytes(32)
         self.app.add_exception_handler(HTTPException, self._http_exception)
 
@@ -203,7 +207,25 @@ class RunwaySimulator(Simulator):
         else:
             body["status"] = "SUCCEEDED"
             body["output"] = [self._output_url(task, origin, now)]
+        if body["status"] in ("THROTTLED", "PENDING", "RUNNING"):
+            body["estimatedCost"] = {"credits": float(task.data["credits"])}
+        else:
+            body["cost"] = {"credits": self.charged(task, now)}
         return body
+
+    def charged(self, task: SimTask, now: float) -> int:
+        """Credits a task holds: the price until it ends, then what stays charged (refunds give back)."""
+        price: int = task.data["credits"]
+        if task.canceled_at is not None and task.canceled_at <= now:
+            return price if task.canceled_at >= task.started_at else 0
+        if task.phase(now) == "done" and task.outcome == "fail":
+            return price if str(task.data.get("failure_code") or "").startswith("SAFETY.INPUT") else 0
+        return price
+
+    @property
+    def credits_used(self) -> int:
+        now = time.time()
+        return sum(self.charged(t, now) for t in self.tasks.values())
 
     # -- signed, expiring output URLs --------------------------------------
     def _output_url(self, task: SimTask, origin: str, now: float) -> str:
@@ -307,9 +329,9 @@ class RunwaySimulator(Simulator):
         text = body.get("promptText")
         prompt = text if isinstance(text, str) else ""
         task = self._new_task(model, spec, prompt, request, now)
+        task.data["credits"] = cost
         self.tasks[task.id] = task
         self._daily[(model, day)] += 1
-        self.credits_used += cost
         digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
         self.record_creation(f"{endpoint}:{digest}")  # no idempotency: equal bodies are separate tasks
         if (injected := await self.fault("create", after_effect=True)) is not None:

@@ -1,8 +1,15 @@
-"""Google Veo simulator (Gemini API, ``generativelanguage.googleapis.com/v1beta``).
+"""Google Veo simulator (Gemini API, ``generativelanguage.googleapis.com/v1beta`` and ``/v1``).
 
 Written from Google's documented wire format (shared/providers/video-sora-veo-kling-runway.md
 §2), not from our adapter. The Atelier base URL is the simulator's origin; routes keep
-Google's ``/v1beta`` prefix:
+Google's API-version prefix. ``v1beta`` is the documented one; the same routes also answer
+under ``/v1`` (the stable version a client can choose, e.g. google-genai's
+``HttpOptions(api_version="v1")``), and each answer names the version it was asked through:
+file URIs (``/{version}/files/...``), the response ``@type``
+(``google.ai.generativelanguage.{version}.PredictLongRunningResponse``) and error messages.
+Whether Google serves Veo on ``v1`` is UNCONFIRMED: ``extra["veo_api_versions"]`` lists the
+versions whose ``predictLongRunning`` knows the Veo models (default both; any other gets
+Google's 404 "not found for API version ..."). Shown with ``v1beta`` below:
 
 - ``POST /v1beta/models/{model}:predictLongRunning`` with ``{"instances": [{prompt, image,
   lastFrame, referenceImages, video}], "parameters": {...}, "webhookConfig": {...}}``
@@ -47,9 +54,10 @@ Prompt directives: ``[sim:filtered]`` (RAI filter, no video), ``[sim:partial]`` 
 ``[sim:queue=S]``, ``[sim:run=S]``.
 
 ``SimConfig.extra`` knobs: ``veo_models`` (model -> rules, see ``MODELS``),
-``veo_emit_done_false``, ``veo_redirect_ttl_seconds`` (default 300),
-``veo_rejected_parameters`` (Vertex-only names), ``veo_retry_after_header`` (also send
-``Retry-After`` on 429; default False), ``webhook_retry_delays``, ``webhook_duplicates``.
+``veo_api_versions`` (["v1beta", "v1"]), ``veo_emit_done_false``,
+``veo_redirect_ttl_seconds`` (default 300), ``veo_rejected_parameters`` (Vertex-only names),
+``veo_retry_after_header`` (also send ``Retry-After`` on 429; default False),
+``webhook_retry_delays``, ``webhook_duplicates``.
 
 Fault route names: ``create``, ``get``, ``file`` (the API's download redirect and File
 metadata), ``download`` (the storage bytes), ``webhooks``.
@@ -83,7 +91,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from providers.sandbox import media
-from providers.sandbox.base import SimConfig, SimTask, Simulator, directives, new_id
+from providers.sandbox.base import SimConfig, SimTask, Simulator, directives, new_id, route_path
 from providers.sandbox.sora import (
     Background,
     CutoffFileStore,
@@ -93,7 +101,7 @@ from providers.sandbox.sora import (
 )
 
 API_HOST_ISSUER = "https://generativelanguage.googleapis.com"
-RESPONSE_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1beta.PredictLongRunningResponse"
+API_VERSIONS = ("v1beta", "v1")
 DEFAULT_RETENTION_SECONDS = 2 * 24 * 3600
 
 _V3_DURATIONS = [4, 6, 8]
@@ -146,6 +154,15 @@ _GOOGLE_502 = (
     "could not complete your request.<p>Please try again in 30 seconds.  "
     "<ins>That\u2019s all we know.</ins>\n"
 )
+
+
+def _api_version(request: Request) -> str:
+    """The API version the client called (the first path segment below the mount point)."""
+    return route_path(request).split("/", 2)[1]
+
+
+def _response_type(version: str) -> str:
+    return f"type.googleapis.com/google.ai.generativelanguage.{version}.PredictLongRunningResponse"
 
 
 def _rfc3339(ts: float) -> str:
@@ -270,7 +287,7 @@ class VeoSimulator(Simulator):
     def _outcome(self, task: SimTask) -> str:
         return task.outcome if task.outcome in ("fail", "filtered", "partial") else "succeed"
 
-    def operation(self, task: SimTask, origin: str, now: float | None = None) -> dict[str, Any]:
+    def operation(self, task: SimTask, origin: str, version: str, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
         name = f"models/{task.data['model']}/operations/{task.id}"
         if task.phase(now) != "done":
@@ -287,16 +304,16 @@ class VeoSimulator(Simulator):
         filtered = len(files) if outcome == "filtered" else int(outcome == "partial" and len(files) > 1)
         delivered = files[: len(files) - filtered]
         if delivered:
-            gen["generatedSamples"] = [{"video": {"uri": self.file_uri(origin, f)}} for f in delivered]
+            gen["generatedSamples"] = [{"video": {"uri": self.file_uri(origin, version, f)}} for f in delivered]
         if filtered:
             reason = MSG_FILTER if task.data["family"] == "2" else MSG_AUDIO_FILTER
             gen["raiMediaFilteredCount"] = filtered
             gen["raiMediaFilteredReasons"] = [reason]
-        response = {"@type": RESPONSE_TYPE, "generateVideoResponse": gen}
+        response = {"@type": _response_type(version), "generateVideoResponse": gen}
         return {"name": name, "done": True, "response": response}
 
-    def file_uri(self, origin: str, file_id: str) -> str:
-        return f"{origin}/v1beta/files/{file_id}:download?alt=media"
+    def file_uri(self, origin: str, version: str, file_id: str) -> str:
+        return f"{origin}/{version}/files/{file_id}:download?alt=media"
 
     def delivered_files(self, task: SimTask) -> list[str]:
         """The file ids a terminal operation actually hands out."""
@@ -308,15 +325,16 @@ class VeoSimulator(Simulator):
     # -- routes ------------------------------------------------------------
     def routes(self) -> list[BaseRoute]:
         routes: list[BaseRoute] = [
-            Route("/v1beta/models/{model}:predictLongRunning", self.predict_long_running, methods=["POST"]),
-            Route("/v1beta/models/{model}/operations/{op}", self.get_operation, methods=["GET"]),
-            Route("/v1beta/files/{file_id}:download", self.download_file, methods=["GET"]),
-            Route("/v1beta/files/{file_id}", self.get_file, methods=["GET"]),
             Route("/veo-storage/{file_id}.mp4", self.storage, methods=["GET"]),
             Route("/.well-known/jwks.json", self.jwks, methods=["GET"]),
         ]
-        for version in ("v1beta", "v1"):
+        for version in API_VERSIONS:
             routes += [
+                Route(f"/{version}/models/{{model}}:predictLongRunning", self.predict_long_running,
+                      methods=["POST"]),
+                Route(f"/{version}/models/{{model}}/operations/{{op}}", self.get_operation, methods=["GET"]),
+                Route(f"/{version}/files/{{file_id}}:download", self.download_file, methods=["GET"]),
+                Route(f"/{version}/files/{{file_id}}", self.get_file, methods=["GET"]),
                 Route(f"/{version}/webhooks", self.create_webhook, methods=["POST"]),
                 Route(f"/{version}/webhooks", self.list_webhooks, methods=["GET"]),
                 Route(f"/{version}/webhooks/{{id}}", self.get_webhook, methods=["GET"]),
@@ -334,7 +352,8 @@ class VeoSimulator(Simulator):
                      "reason": "ACCESS_TOKEN_TYPE_UNSUPPORTED",
                      "domain": "googleapis.com",
                      "metadata": {"service": "generativelanguage.googleapis.com",
-                                  "method": "google.ai.generativelanguage.v1beta.PredictionService"}}])
+                                  "method": f"google.ai.generativelanguage.{_api_version(request)}"
+                                            ".PredictionService"}}])
             return self.google_error(403, MSG_NO_KEY)
         if not self.config.key_ok(key):
             return self.google_error(400, MSG_BAD_KEY, [
@@ -359,10 +378,12 @@ class VeoSimulator(Simulator):
             return denied
         if (injected := await self.fault("create")) is not None:
             return injected
+        version = _api_version(request)
         try:
-            rules = self.models().get(model)
+            served = version in self.extra("veo_api_versions", API_VERSIONS)
+            rules = self.models().get(model) if served else None
             if rules is None:
-                raise GoogleError(404, f"models/{model} is not found for API version v1beta, or is not "
+                raise GoogleError(404, f"models/{model} is not found for API version {version}, or is not "
                                        "supported for predictLongRunning. Call ListModels to see the list of "
                                        "available models and their supported methods.")
             body = await self._json(request)
@@ -375,7 +396,7 @@ class VeoSimulator(Simulator):
         op_id = new_id(length=12)
         files = [new_id(length=12) for _ in range(samples)]
         self._origin = self.origin(request)
-        data: dict[str, Any] = {"model": model, "family": rules["family"], "files": files}
+        data: dict[str, Any] = {"model": model, "family": rules["family"], "files": files, "api_version": version}
         if d.get("fail"):
             data["grpc_code"] = d["fail"]
         if hook is not None:
@@ -545,7 +566,7 @@ class VeoSimulator(Simulator):
         task = self._op_task(request)
         if task is None:
             return self.google_error(404, "Requested entity was not found.")
-        return JSONResponse(self.operation(task, self.origin(request)),
+        return JSONResponse(self.operation(task, self.origin(request), _api_version(request)),
                             media_type="application/json; charset=UTF-8")
 
     # -- files -------------------------------------------------------------
@@ -592,13 +613,13 @@ class VeoSimulator(Simulator):
         if task is None:
             return self._no_file(file_id)
         data = self._bytes(file_id)
-        origin = self.origin(request)
+        origin, version = self.origin(request), _api_version(request)
         return JSONResponse({
             "name": f"files/{file_id}", "mimeType": "video/mp4", "sizeBytes": str(len(data)),
             "createTime": _rfc3339(task.finished_at), "updateTime": _rfc3339(task.finished_at),
             "expirationTime": _rfc3339(task.finished_at + self.config.output_ttl_seconds),
             "sha256Hash": base64.b64encode(hashlib.sha256(data).hexdigest().encode()).decode(),
-            "uri": f"{origin}/v1beta/files/{file_id}", "downloadUri": self.file_uri(origin, file_id),
+            "uri": f"{origin}/{version}/files/{file_id}", "downloadUri": self.file_uri(origin, version, file_id),
             "state": "ACTIVE", "source": "GENERATED"}, media_type="application/json; charset=UTF-8")
 
     def _bytes(self, file_id: str) -> bytes:
@@ -720,7 +741,7 @@ class VeoSimulator(Simulator):
         origin = self._origin
         event: dict[str, Any] = {
             "type": "video.generated", "version": "v1", "timestamp": _rfc3339(time.time()),
-            "data": {"id": op_id, "output_file_uri": self.file_uri(origin, files[0]),
+            "data": {"id": op_id, "output_file_uri": self.file_uri(origin, task.data["api_version"], files[0]),
                      "file_name": f"files/{files[0]}"}}
         hook = task.data.get("webhook")
         if hook is not None:

@@ -15,6 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import jwt
 import pytest
+import runwayml
+from runwayml.types.task_retrieve_response import Cancelled, Failed, Pending, Running, Succeeded
 
 from providers.sandbox.base import SimConfig
 from providers.sandbox.media import png
@@ -89,10 +91,13 @@ async def test_image_to_video_success_real_mp4(env: Env) -> None:
             assert isinstance(body["progress"], float) and 0 <= body["progress"] < 1
         else:
             assert "progress" not in body
+        if body["status"] not in TERMINAL:
+            assert body["estimatedCost"] == {"credits": 50.0} and "cost" not in body
         if body["status"] in TERMINAL:
             break
         await asyncio.sleep(0.03)
     assert statuses == ["PENDING", "RUNNING", "SUCCEEDED"]
+    assert body["cost"] == {"credits": 50} and "estimatedCost" not in body  # gen4_turbo: 5/s, 10 s
     (url,) = body["output"]
     payload = jwt_claims(url)
     assert payload["bucket"] == "runway-task-artifacts" and payload["exp"] > time.time()
@@ -104,6 +109,55 @@ async def test_image_to_video_success_real_mp4(env: Env) -> None:
     other = (await env.create(i2v(promptText="another one"))).json()["id"]
     url2 = (await env.wait(other))["output"][0]
     assert (await env.http.get(url2)).content not in (b"", got.content)
+
+
+async def test_the_official_runwayml_client_reads_every_state(env: Env) -> None:
+    client = runwayml.AsyncRunwayML(api_key=KEY, base_url=env.base, max_retries=0)
+    created = await client.image_to_video.create(model="gen4_turbo", prompt_image=IMAGE, ratio="1280:720",
+                                                 prompt_text="a bunny [sim:queue=0.2] [sim:run=0.4]",
+                                                 duration=5)
+    seen: list[Any] = []
+    while not seen or seen[-1].status not in TERMINAL:
+        task = await client.tasks.retrieve(created.id)
+        if not seen or seen[-1].status != task.status:
+            seen.append(task)
+        await asyncio.sleep(0.05)
+    pending, running, done = seen
+    assert isinstance(pending, Pending) and pending.estimated_cost.credits == 25.0
+    assert isinstance(running, Running) and 0 <= running.progress < 1 and running.estimated_cost.credits == 25.0
+    assert isinstance(done, Succeeded) and done.cost.credits == 25
+    assert (await env.http.get(done.output[0])).headers["content-type"] == "video/mp4"
+
+    failing = await client.image_to_video.create(model="gen4_turbo", prompt_image=IMAGE, ratio="1280:720",
+                                                 prompt_text="x [sim:fail]")
+    await env.wait(failing.id)
+    failed = await client.tasks.retrieve(failing.id)
+    assert isinstance(failed, Failed) and failed.failure_code == "INTERNAL.BAD_OUTPUT.CODE01"
+    assert failed.cost.credits == 0  # refunded
+
+    env.sim.config.run_seconds = 5
+    slow = await client.image_to_video.create(model="gen4_turbo", prompt_image=IMAGE, ratio="1280:720")
+    await client.tasks.delete(slow.id)
+    cancelled = await client.tasks.retrieve(slow.id)
+    assert isinstance(cancelled, Cancelled) and cancelled.cost.credits == 0
+    await client.close()
+
+
+async def test_final_cost_follows_refunds(env: Env) -> None:
+    env.sim.config.extra["credit_balance"] = 1000
+    env.sim.config.run_seconds = 5
+    running = (await env.create(i2v())).json()["id"]
+    queued = (await env.create(i2v(promptText="later [sim:queue=5]"))).json()["id"]
+    safety = (await env.create(i2v(promptText="x [sim:safety] [sim:run=0.1]"))).json()["id"]
+    other = (await env.create(i2v(promptText="x [sim:fail] [sim:run=0.1]"))).json()["id"]
+    await asyncio.sleep(0.2)
+    assert (await env.task(running)).json()["status"] == "RUNNING"
+    for task_id in (running, queued):
+        assert (await env.http.delete(f"/v1/tasks/{task_id}", headers=HEADERS)).status_code == 204
+    costs = {t: (await env.wait(t))["cost"]["credits"] for t in (running, queued, safety, other)}
+    assert costs == {running: 50, queued: 0, safety: 50, other: 0}  # SAFETY.INPUT is not refunded
+    org = (await env.http.get("/v1/organization", headers=HEADERS)).json()
+    assert org["creditBalance"] == 1000 - 100
 
 
 async def test_text_to_video_and_other_models(env: Env) -> None:

@@ -120,6 +120,51 @@ async def test_generate_poll_and_download_through_redirect(veo: Veo) -> None:
     assert sim.stats.creations == 2
 
 
+async def test_v1_serves_the_same_api(veo: Veo) -> None:
+    sim, client = veo
+    r = await client.post(f"/v1/models/{MODEL}:predictLongRunning",
+                          json={"instances": [{"prompt": "a lion"}], "parameters": {"durationSeconds": 8}})
+    assert r.status_code == 200, r.text
+    name = r.json()["name"]
+    assert name.startswith(f"models/{MODEL}/operations/")  # names carry no version: the client adds it
+    deadline = time.monotonic() + 5
+    while not (op := (await client.get(f"/v1/{name}")).json()).get("done"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert op["response"]["@type"] == \
+        "type.googleapis.com/google.ai.generativelanguage.v1.PredictLongRunningResponse"
+    uri = samples(op)[0]["video"]["uri"]
+    assert uri.startswith(str(client.base_url).rstrip("/") + "/v1/files/") and uri.endswith(":download?alt=media")
+    async with httpx.AsyncClient(follow_redirects=True, headers=HDR) as plain:
+        video = await plain.get(uri)
+    assert video.status_code == 200 and video.content[4:8] == b"ftyp"
+    file_id = uri.split("/files/")[1].split(":")[0]
+    meta = (await client.get(f"/v1/files/{file_id}")).json()
+    assert "/v1/files/" in meta["uri"] and "/v1/files/" in meta["downloadUri"]
+
+    # The same operation read through v1beta names v1beta.
+    beta = (await client.get(f"/v1beta/{name}")).json()
+    assert ".v1beta." in beta["response"]["@type"] and "/v1beta/files/" in samples(beta)[0]["video"]["uri"]
+
+    unknown = await client.post("/v1/models/veo-9-ultra:predictLongRunning", json=t2v())
+    assert unknown.status_code == 404
+    assert "is not found for API version v1," in unknown.json()["error"]["message"]
+    async with httpx.AsyncClient(base_url=client.base_url) as keyless:
+        no_key = await keyless.post(f"/v1/models/{MODEL}:predictLongRunning", json=t2v())
+    assert no_key.status_code == 403 and no_key.json()["error"]["status"] == "PERMISSION_DENIED"
+    assert sim.stats.creations == 1
+
+
+async def test_api_versions_knob() -> None:
+    sim = make_sim(veo_api_versions=["v1beta"])
+    async with serving(sim.app) as base, httpx.AsyncClient(base_url=base, headers=HDR) as client:
+        r = await client.post(f"/v1/models/{MODEL}:predictLongRunning", json=t2v())
+        assert r.status_code == 404 and r.json()["error"]["status"] == "NOT_FOUND"
+        assert f"models/{MODEL} is not found for API version v1," in r.json()["error"]["message"]
+        assert (await client.post(f"/v1beta/models/{MODEL}:predictLongRunning", json=t2v())).status_code == 200
+    assert sim.stats.creations == 1
+
+
 async def test_done_false_is_configurable() -> None:
     sim = make_sim(veo_emit_done_false=True)
     async with serving(sim.app) as base, httpx.AsyncClient(base_url=base, headers=HDR) as client:
