@@ -12,8 +12,12 @@ routes carry OpenAI's ``/v1`` prefix:
   failed videos (``{"id","deleted":true,"object":"video.deleted"}``).
 - ``GET /v1/videos/{id}/content?variant=video|thumbnail|spritesheet``: MP4 / WebP / JPEG
   bytes; **404** until the video is ``completed``; 404 again once its assets expired.
-- ``POST /v1/videos/{id}/remix`` (``{"prompt"}``), ``POST /v1/videos/edits`` and
-  ``POST /v1/videos/extensions`` (``{"prompt", "video": {"id"}}`` [+ ``seconds``]).
+- ``POST /v1/videos/{id}/remix`` (``{"prompt"}``, JSON as the SDK sends it, or multipart): a
+  new video with the source's model, size and seconds and ``remixed_from_video_id``; only a
+  ``completed`` source (otherwise 400 ``invalid_value`` on ``video_id``; the exact body is not
+  in the reference), unknown or deleted sources 404.
+- ``POST /v1/videos/edits`` and ``POST /v1/videos/extensions`` (``{"prompt", "video": {"id"}}``
+  [+ ``seconds``]).
 
 Statuses ``queued -> in_progress`` (``progress`` rising 0..99) ``-> completed`` (100,
 ``completed_at``, ``expires_at`` = completion + ``output_ttl_seconds``, 1 h by default)
@@ -662,7 +666,9 @@ class SoraSimulator(Simulator):
         self.tasks[task.id] = task
         self._position[task.id] = len(self._order)
         self._order.append(task.id)
-        self.record_creation(json.dumps(fields, sort_keys=True))
+        # A remix is identified by its source too: the same prompt on two sources is two requests.
+        identity = fields if remixed_from is None else {**fields, "remixed_from_video_id": remixed_from}
+        self.record_creation(json.dumps(identity, sort_keys=True))
         self.timers.schedule(task.finished_at, task.id)
         return task
 

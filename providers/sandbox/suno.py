@@ -12,7 +12,14 @@ plus a real PNG cover, distinct per clip, at URLs that stop working after
   ``prompt, gpt_description_prompt, mv, title, tags, continue_at, task_id,
   continue_clip_id, make_instrumental``; unknown fields dropped; ``mv`` defaults
   to ``chirp-v3-0``) -> ``{"code":"success","message":"","data":"task_..."}``.
-  Errors: 400 ``invalid_request`` (``invalid_action``, ``prompt_empty``, bad JSON),
+  Lyrics (``LYRICS``) answer text, not audio. Extend is a ``MUSIC`` submit with
+  ``continue_clip_id`` and ``continue_at`` (seconds, a float): the upstream refuses a clip it
+  does not know or that is not ``complete`` yet, and a missing or negative ``continue_at``
+  (``extra["continue_refusal_status"]``, 400, reaches the client as ``fail_to_fetch_task``
+  carrying the upstream body); the new clips' ``metadata.history`` names the source clip.
+  The gateway serves no other action: concat, WAV and persona are ``invalid_action``.
+  Errors: 400 ``invalid_request`` (``invalid_action``, ``prompt_empty``, bad JSON, a
+  ``continue_at`` that is not a number),
   upstream failures as ``fail_to_fetch_task``, every final 429 as
   "当前分组上游负载已饱和，请稍后再试"; auth as OpenAI-style 401.
 - ``GET /suno/fetch/{id}`` -> ``{"code":"success","message":"","data":<TaskDto>}``;
@@ -72,7 +79,13 @@ Fault route names: gateway ``submit``, ``fetch``, ``batch_fetch``; sunoapi
 ``generate``, ``record_info``, ``credit``; both ``stream`` (``/audiopipe/``) and
 ``download`` (file URLs).
 
-``SimConfig.extra``: ``clips_per_task`` (2); gateway: see ``gateway.py``;
+The reference documents no sunoapi.org route beyond generate, record-info and credit
+(``personaId``/``personaModel`` are optional generate fields, passed through), so this
+simulator serves no extend, concat, lyrics, WAV or persona route in that shape.
+
+``SimConfig.extra``: ``clips_per_task`` (2); gateway: see ``gateway.py``, and
+``continue_refusal_status`` (400; the upstream's status for a refused continuation is not
+documented, 500 answers ``internal_error``);
 sunoapi: ``http_status_mirrors_code`` (false), ``require_callback_url`` (false),
 ``credits`` (None = unlimited), ``credit_cost`` (12), ``rate_limit_per_10s``
 (None), ``failure_callback_type`` ("error"; the api.box docs say "failed"),
@@ -189,6 +202,19 @@ class SunoGatewaySimulator(NewApiGateway):
             return self.task_error(400, "invalid_request", "prompt_empty")
         if action == "MUSIC" and not req.get("mv"):
             req["mv"] = "chirp-v3-0"
+        continue_at = req.get("continue_at")
+        if continue_at is not None and (isinstance(continue_at, bool) or not isinstance(continue_at, int | float)):
+            # SunoSubmitReq.ContinueAt is a float64: anything else fails the gateway's JSON binding.
+            kind = {"str": "string", "list": "array", "dict": "object"}.get(type(continue_at).__name__, "bool")
+            return self.task_error(400, "invalid_request", f"json: cannot unmarshal {kind} into Go struct "
+                                   "field SunoSubmitReq.continue_at of type float64")
+        if action == "MUSIC" and "continue_clip_id" in req:
+            problem = self._continuation_problem(req, self.origin(request))
+            if problem is not None:
+                status = int(self.config.extra.get("continue_refusal_status", 400))
+                code = "invalid_request" if status < 500 else "internal_error"
+                upstream = json.dumps({"code": code, "message": problem, "data": None})
+                return self.task_error(status, "fail_to_fetch_task", upstream)
         text = " ".join(str(req.get(k) or "") for k in ("gpt_description_prompt", "prompt", "title", "tags"))
         traps = directives(text)
         if "saturated" in traps:
@@ -213,6 +239,21 @@ class SunoGatewaySimulator(NewApiGateway):
         if (injected := await self.fault("submit", after_effect=True)) is not None:
             return injected
         return self.success(task.id, headers={"X-New-Api-Other-Ratios": "{}"})
+
+    def _continuation_problem(self, req: dict[str, Any], origin: str) -> str | None:
+        """Why the upstream refuses to continue ``continue_clip_id`` (None: it accepts)."""
+        clip = req["continue_clip_id"]
+        source = self.tasks.get(self.clips.get(clip, "")) if isinstance(clip, str) else None
+        if source is None:
+            return f"continue_clip_id {clip} not found"
+        source.data.setdefault("origin", origin)
+        snap = self.upstream(source, time.time())
+        clips = snap.data if snap is not None and isinstance(snap.data, list) else []
+        if not any(c["id"] == clip and c["status"] == "complete" for c in clips):
+            return f"clip {clip} is not complete"
+        if req.get("continue_at") is None or req["continue_at"] < 0:
+            return "continue_at must be a number of seconds >= 0"
+        return None
 
     # -- upstream (Suno-API) view ----------------------------------------------
     def upstream(self, task: SimTask, at: float) -> Snapshot | None:
@@ -265,6 +306,9 @@ class SunoGatewaySimulator(NewApiGateway):
         gdp = req.get("gpt_description_prompt")
         lyrics = _song_prompt(str(req.get("prompt") or ""), bool(req.get("make_instrumental")))
         created = datetime.fromtimestamp(task.created_at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        history = None
+        if req.get("continue_clip_id"):  # the clip this one continues (a shape of the simulator's own)
+            history = [{"id": req["continue_clip_id"], "continue_at": req.get("continue_at")}]
         clips = []
         for i, cid in enumerate(task.data["clips"]):
             state = states[i]
@@ -287,7 +331,7 @@ class SunoGatewaySimulator(NewApiGateway):
                 "title": title, "play_count": 0, "upvote_count": 0, "is_public": False,
                 "metadata": {
                     "tags": str(req.get("tags") or ""), "prompt": lyrics,
-                    "gpt_description_prompt": gdp, "audio_prompt_id": None, "history": None,
+                    "gpt_description_prompt": gdp, "audio_prompt_id": None, "history": history,
                     "concat_history": None, "type": "gen",
                     "duration": MP3_SECONDS if state == "complete" else None,
                     "refund_credits": False if state == "error" else None, "stream": True,
