@@ -17,6 +17,20 @@ SIMULATORS: dict[str, str] = {
     "suno": "providers.sandbox.suno:SunoGatewaySimulator",  # new-api gateway task format
     "suno-api": "providers.sandbox.suno:SunoApiSimulator",  # sunoapi.org format
     "gateway-kling": "providers.sandbox.gateway:KlingGatewaySimulator",  # Kling through a new-api gateway
+    "openai": "providers.sandbox.openai_images:OpenAIImagesSimulator",
+    "gemini": "providers.sandbox.gemini:GeminiImageSimulator",
+    "midjourney": "providers.sandbox.midjourney:MidjourneySimulator",  # midjourney-proxy through new-api
+    "newapi": "providers.sandbox.newapi_video:NewApiVideoSimulator",  # new-api unified video tasks
+    "luma": "providers.sandbox.luma:LumaSimulator",
+    "minimax": "providers.sandbox.minimax:MinimaxSimulator",
+    "doubao": "providers.sandbox.doubao:DoubaoSimulator",
+    "dashscope": "providers.sandbox.dashscope:DashScopeSimulator",
+    "xai": "providers.sandbox.xai:XaiSimulator",
+    "jimeng": "providers.sandbox.jimeng:JimengSimulator",
+    "vidu": "providers.sandbox.vidu:ViduSimulator",
+    "ideogram": "providers.sandbox.ideogram:IdeogramSimulator",
+    "stability": "providers.sandbox.stability:StabilitySimulator",
+    "bfl": "providers.sandbox.bfl:BflSimulator",
 }
 
 
