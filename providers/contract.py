@@ -11,6 +11,7 @@ the worker stores ``SubmitResult.state`` verbatim and gives it back in ``TaskRef
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -50,14 +51,62 @@ class MediaInput:
 
 
 @dataclass(frozen=True)
+class SourceMedia:
+    """The earlier job a follow-up acts on (``operation`` + ``source`` in the request).
+
+    ``task_id``, ``state`` and ``output_metadata`` are what its provider said of it (only meaningful
+    to the same adapter: Midjourney's buttons, a Suno clip id, a Kling video id); ``url`` is a URL of
+    the stored output that any provider can fetch (minted when the follow-up is submitted; ``None``
+    while a request is only validated).
+    """
+
+    provider: str
+    model: str
+    kind: MediaKind
+    task_id: str | None = None
+    state: Mapping[str, Any] = field(default_factory=dict)
+    output_index: int = 0
+    output_content_type: str | None = None
+    output_metadata: Mapping[str, Any] = field(default_factory=dict)
+    url: str | None = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """What to render. ``reference`` is unique per job: an adapter may send it as the provider's
-    external id (Kling's ``external_task_id``) so that an ambiguous submission can be looked up."""
+    external id (Kling's ``external_task_id``) so that an ambiguous submission can be looked up.
+    ``operation`` is ``generate`` or one of the adapter's ``operations``; ``source`` the job it acts on."""
 
     kind: MediaKind
     model: str
     input: MediaInput = field(default_factory=MediaInput)
     reference: str = ""
+    operation: str = "generate"
+    source: SourceMedia | None = None
+
+
+SourceUse = Literal["none", "optional_media", "media", "task"]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A follow-up an adapter offers besides ``generate``.
+
+    ``source``: what it takes from the source job. ``task``: the provider's own task (same provider;
+    submitted with the key that created the source); ``media``: a stored output (any provider; its
+    URL is in ``SourceMedia.url``); ``none``: no source. ``models``: fnmatch patterns of the models
+    that offer it (all when empty).
+    """
+
+    name: str
+    source: SourceUse = "task"
+    source_kinds: frozenset[MediaKind] = frozenset()  # the source output kinds it takes (any when empty)
+    models: tuple[str, ...] = ()
+    description: str = ""
+
+    def offered_for(self, model: str) -> bool:
+        return not self.models or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
 
 
 class TaskState(BaseModel):
@@ -94,13 +143,19 @@ class ProviderOutput(BaseModel):
 @dataclass(frozen=True)
 class SubmitResult:
     """The provider accepted the task. ``callback_expected`` is ``False`` when no callback will come
-    whatever URL was given (e.g. through a gateway), ``None`` to go by whether one was given."""
+    whatever URL was given (e.g. through a gateway), ``None`` to go by whether one was given.
+
+    ``done``: the task's status when the create call answered with it: a synchronous provider's
+    outputs (``data:`` URLs for inline bytes, stored at once), or a task already finished.
+    A synchronous provider with no id of its own uses ``request.reference`` as the task id.
+    """
 
     task_id: str
     request_id: str | None = None
     status: str | None = None
     state: TaskState | None = None
     callback_expected: bool | None = None
+    done: TaskStatus | None = None
 
 
 ProviderState = Literal["queued", "running", "succeeded", "failed", "canceled", "unknown"]
@@ -122,6 +177,8 @@ class TaskStatus:
     request_id: str | None = None
     # Where the provider says the task stands in its queue (fal), while queued.
     queue_position: int | None = None
+    # The adapter's state learnt from this status (e.g. Midjourney's buttons), kept for follow-ups.
+    task_state: TaskState | None = None
 
 
 @dataclass
@@ -133,6 +190,9 @@ class CallbackHint:
 
     task_id: str | None = None
     raw_status: str | None = None
+    # A handshake to answer as it is (MiniMax's ``{"challenge": ...}``), once the callback's
+    # authentication passed; nothing else is done with such a callback.
+    reply: dict[str, Any] | None = None
 
 
 @dataclass
@@ -142,6 +202,9 @@ class CallContext:
     http: httpx.AsyncClient
     api_key: str
     callback_url: str | None = None
+    # Seconds a create request may take for this model (``request_timeout_seconds`` /
+    # ``request_timeout_by_model``); pass it to ``providers.http.send``. ``None``: the client's default.
+    timeout: float | None = None
 
 
 @dataclass
@@ -161,7 +224,17 @@ class ProviderSettings:
     job_timeout_by_model: dict[str, float] = field(default_factory=dict)
     concurrency: int | None = None  # tasks in flight per API key
     rpm: float | None = None  # requests per minute per API key
+    # Seconds one create request may take, per model (exact names or fnmatch patterns): a synchronous
+    # image can take minutes at high quality.
+    request_timeout_by_model: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def request_timeout(self, model: str) -> float:
+        by_model = self.request_timeout_by_model
+        if model in by_model:
+            return by_model[model]
+        patterns = [p for p in by_model if fnmatch.fnmatchcase(model, p)]
+        return by_model[max(patterns, key=len)] if patterns else self.timeout_seconds
 
 
 class Provider:
@@ -174,6 +247,14 @@ class Provider:
     # How callbacks are authenticated: the provider's signature, or our per-job token in the URL.
     callback_auth: ClassVar[Literal["signature", "token"]] = "token"
     retention: ClassVar[str] = ""
+    # Where the provider lives, and its defaults (operators override them per provider).
+    default_base_url: ClassVar[str] = ""
+    default_typical_seconds: ClassVar[dict[str, float]] = {}  # per kind or per model
+    default_concurrency: ClassVar[int | None] = None  # tasks in flight per key; synchronous providers set one
+    # The create call answers with the result (no task to poll): ``SubmitResult.done`` is always set.
+    synchronous: ClassVar[bool] = False
+    # Follow-ups besides ``generate`` (which may take a source's output as its input image).
+    operations: ClassVar[tuple[Operation, ...]] = ()
 
     def __init__(self, settings: ProviderSettings) -> None:
         self.settings = settings
@@ -185,6 +266,34 @@ class Provider:
         if request.kind not in self.kinds:
             kinds = ", ".join(sorted(self.kinds))
             raise InvalidInput("kind", f"{self.name} renders {kinds}, not {request.kind}")
+        self.validate_operation(request)
+
+    def operation(self, name: str, model: str) -> Operation | None:
+        """The follow-up ``name`` as offered for ``model`` (``generate`` is every adapter's)."""
+        if name == "generate":
+            return Operation("generate", source="optional_media")
+        return next((op for op in self.operations if op.name == name and op.offered_for(model)), None)
+
+    def validate_operation(self, request: GenerationRequest) -> None:
+        """The operation exists for the model, and the source is what it takes."""
+        op = self.operation(request.operation, request.model)
+        if op is None:
+            offered = ["generate", *(o.name for o in self.operations if o.offered_for(request.model))]
+            raise InvalidInput("operation", f"{self.name} {request.model} offers {', '.join(offered)}, "
+                                            f"not {request.operation!r}")
+        source = request.source
+        if source is None:
+            if op.source in ("media", "task"):
+                raise InvalidInput("source", f"{request.operation} acts on an earlier job: give source.job_id")
+            return
+        if op.source == "none":
+            raise InvalidInput("source", f"{request.operation} takes no source")
+        if op.source == "task" and source.provider != self.name:
+            raise InvalidInput("source", f"{request.operation} acts on a {self.name} task; the source job ran "
+                                         f"on {source.provider}")
+        if op.source_kinds and source.kind not in op.source_kinds:
+            kinds = ", ".join(sorted(op.source_kinds))
+            raise InvalidInput("source", f"{request.operation} takes a {kinds} source, not {source.kind}")
 
     # -- the task ----------------------------------------------------------
     async def submit(self, ctx: CallContext, request: GenerationRequest) -> SubmitResult:

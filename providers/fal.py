@@ -153,6 +153,8 @@ class FalTask(TaskState):
 
 class FalProvider(Provider):
     name = "fal"
+    default_base_url = "https://queue.fal.run"
+    default_typical_seconds = {"image": 6, "video": 90, "audio": 30}
     kinds = frozenset({MediaKind.image, MediaKind.video, MediaKind.audio})
     supports_cancel = True
     supports_callbacks = True

@@ -35,13 +35,17 @@ def retry_after_seconds(headers: Mapping[str, str], default: float | None = None
         return max(0.0, parsed.timestamp() - time.time()) if parsed else default
 
 
-async def send(http: httpx.AsyncClient, request: httpx.Request, *, creates: bool = False) -> httpx.Response:
+async def send(http: httpx.AsyncClient, request: httpx.Request, *, creates: bool = False,
+               timeout: float | None = None) -> httpx.Response:
     """Send a request, mapping transport failures to provider errors.
 
     For a request that ``creates`` a billable task, anything that may have reached
     the provider is ``OutcomeUnknown``; a failure to connect is ``Unavailable``
-    (nothing was sent).
+    (nothing was sent). ``timeout`` (``CallContext.timeout``) replaces the client's read
+    timeout for this request. No request is ever retried here: a retried create could pay twice.
     """
+    if timeout is not None:
+        request.extensions["timeout"] = httpx.Timeout(timeout, connect=min(10.0, timeout)).as_dict()
     try:
         return await http.send(request)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:

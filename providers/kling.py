@@ -272,6 +272,8 @@ class KlingTask(TaskState):
 
 class KlingProvider(Provider):
     name = "kling"
+    default_base_url = "https://api-singapore.klingai.com"
+    default_typical_seconds = {"video": 180}
     kinds = frozenset({MediaKind.video})
     supports_cancel = False
     supports_callbacks = True

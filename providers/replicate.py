@@ -107,6 +107,8 @@ def tqdm_progress(logs: Any) -> int | None:
 
 class ReplicateProvider(Provider):
     name = "replicate"
+    default_base_url = "https://api.replicate.com"
+    default_typical_seconds = {"image": 8, "video": 90, "audio": 40}
     kinds = frozenset({MediaKind.image, MediaKind.video, MediaKind.audio})
     supports_cancel = True
     supports_callbacks = True

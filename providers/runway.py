@@ -302,6 +302,8 @@ class RunwayTask(TaskState):
 
 class RunwayProvider(Provider):
     name = "runway"
+    default_base_url = "https://api.dev.runwayml.com"
+    default_typical_seconds = {"video": 60}
     kinds = frozenset({MediaKind.video})
     supports_cancel = True
     supports_callbacks = False

@@ -42,6 +42,7 @@ from providers.contract import (
     GenerationRequest,
     MediaInput,
     MediaKind,
+    Operation,
     Provider,
     ProviderOutput,
     ProviderSettings,
@@ -88,10 +89,15 @@ def _is_pro(model: str) -> bool:
 
 class SoraProvider(Provider):
     name = "sora"
+    default_base_url = "https://api.openai.com"
+    default_typical_seconds = {"video": 120}
     kinds = frozenset({MediaKind.video})
     supports_cancel = False
     supports_callbacks = False
     retention = "downloads expire at expires_at (at most 1 hour after generation)"
+    operations = (Operation("remix", source="task", source_kinds=frozenset({MediaKind.video}),
+                            description="a completed source video again with a new prompt "
+                                        "(POST /v1/videos/{id}/remix)"),)
 
     def __init__(self, settings: ProviderSettings) -> None:
         super().__init__(settings)
@@ -112,7 +118,20 @@ class SoraProvider(Provider):
         super().validate(request)
         if not _MODEL.match(request.model):
             raise InvalidInput("model", "Sora models are 'sora-2', 'sora-2-pro' or a dated snapshot of them")
-        self.build_body(request.model, request.input)
+        if request.operation == "remix":
+            self.remix_body(request)
+        else:
+            self.build_body(request.model, request.input)
+
+    def remix_body(self, request: GenerationRequest) -> dict[str, Any]:
+        """A remix takes only a new prompt; the source video gives everything else."""
+        given = request.input
+        if not given.prompt:
+            raise InvalidInput("input.prompt", "a remix needs the new prompt")
+        others = [name for name, value in given.fields().items() if name != "prompt"] + list(given.options)
+        if others:
+            raise InvalidInput(f"input.{others[0]}", "a remix takes only a prompt (the source sets the rest)")
+        return {"prompt": given.prompt}
 
     def build_body(self, model: str, job_input: MediaInput) -> dict[str, Any]:
         """The create body for ``job_input``; raises ``InvalidInput`` naming the field."""
@@ -205,9 +224,13 @@ class SoraProvider(Provider):
         return {"Authorization": f"Bearer {ctx.api_key}", "User-Agent": "atelier"}
 
     async def submit(self, ctx: CallContext, request: GenerationRequest) -> SubmitResult:
-        body = self.build_body(request.model, request.input)
-        response = await send(ctx.http, ctx.http.build_request("POST", f"{self.base_url}/v1/videos", json=body,
-                                                                 headers=self._headers(ctx)), creates=True)
+        url = f"{self.base_url}/v1/videos"
+        if request.operation == "remix" and request.source is not None and request.source.task_id:
+            url, body = f"{url}/{request.source.task_id}/remix", self.remix_body(request)
+        else:
+            body = self.build_body(request.model, request.input)
+        response = await send(ctx.http, ctx.http.build_request("POST", url, json=body, headers=self._headers(ctx)),
+                              creates=True)
         _raise_for_error(response, creates=True)
         video = expect_object(parse_json(response), "video")
         task_id = _video_id(video)

@@ -395,6 +395,8 @@ class SunoTask(TaskState):
 
 class SunoProvider(Provider):
     name = "suno"
+    default_base_url = ""  # no official API: the gateway's or sunoapi's origin must be configured
+    default_typical_seconds = {"audio": 60}
     kinds = frozenset({MediaKind.audio})
     supports_cancel = False
     callback_auth = "token"

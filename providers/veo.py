@@ -126,6 +126,8 @@ class VeoRequest:
 
 class VeoProvider(Provider):
     name = "veo"
+    default_base_url = "https://generativelanguage.googleapis.com"
+    default_typical_seconds = {"video": 90}
     kinds = frozenset({MediaKind.video})
     supports_cancel = False
     supports_callbacks = False

@@ -78,8 +78,7 @@ async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
     try:
         call = call_context(rt, provider, job)
         async with _keep_active(rt, job.id):
-            for index, ref in enumerate(job.provider_outputs):
-                outputs.append(await _store_output(rt, provider, call, job, index, ref))
+            outputs = await store_outputs(rt, provider, call, job, job.provider_outputs)
     except OutputUnavailable as exc:
         n = max(job.collects, 1)
         if exc.transient and n < MAX_COLLECT_ATTEMPTS:
@@ -104,6 +103,12 @@ async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
     except Conflict:
         log.info("job changed during collection (canceled?); outputs kept in storage",
                  extra=log_extra(job, "collect.superseded"))
+
+
+async def store_outputs(rt: Runtime, provider: Provider, call: CallContext, job: Job,
+                        refs: list[ProviderOutput]) -> list[Output]:
+    """Stream each output into storage (size cap, sha256, type); raises ``OutputUnavailable``."""
+    return [await _store_output(rt, provider, call, job, index, ref) for index, ref in enumerate(refs)]
 
 
 @contextlib.asynccontextmanager

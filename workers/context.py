@@ -12,13 +12,14 @@ from typing import Any, TypeVar
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from orchestrator.domain.job import Job
+from orchestrator.domain.job import Job, generation_request, source_media
 from orchestrator.infra import metrics
 from orchestrator.services.runtime import Runtime
+from orchestrator.services.sources import SourceProblem, source_job
 from orchestrator.store import keypool
 from orchestrator.store.jobs import Conflict
 from orchestrator.wire.jobs import TERMINAL, JobStatus
-from providers.contract import CallContext, Provider
+from providers.contract import CallContext, GenerationRequest, Provider
 
 log = logging.getLogger("atelier.worker")
 T = TypeVar("T")
@@ -56,7 +57,27 @@ def call_context(rt: Runtime, provider: Provider, job: Job,
     if provider.supports_callbacks and rt.settings.callbacks_enabled:
         base = rt.settings.public_url.rstrip("/")
         callback_url = f"{base}/v1/callbacks/{job.provider}?job={job.id}&token={job.callback_token}"
-    return CallContext(http=rt.http_for(job.provider), api_key=key, callback_url=callback_url)
+    return CallContext(http=rt.http_for(job.provider), api_key=key, callback_url=callback_url,
+                       timeout=provider.settings.request_timeout(job.model))
+
+
+class SourceUnavailable(Exception):
+    """A follow-up's source job is gone (retention, deletion) or no longer usable."""
+
+    code = "source_unavailable"
+
+
+async def requested(rt: Runtime, job: Job) -> tuple[GenerationRequest, Job | None]:
+    """What the adapter is told to render for ``job``, with its source job (a follow-up), whose stored
+    output it can fetch at a freshly minted URL."""
+    if job.source is None:
+        return generation_request(job), None
+    try:
+        source = await source_job(rt.store, job.tenant, job.source)
+    except SourceProblem as exc:
+        raise SourceUnavailable(f"the source job cannot be used any more: {exc.message}") from exc
+    url = await rt.storage.url(source.outputs[job.source.output].key, rt.settings.output_url_ttl_seconds)
+    return generation_request(job, source_media(source, job.source.output, url)), source
 
 
 async def load_job(rt: Runtime, job_id: str) -> Job | None:

@@ -19,6 +19,7 @@ from orchestrator.wire.jobs import TERMINAL, JobStatus
 from providers.contract import Provider, TaskStatus
 from providers.errors import AuthFailed, InsufficientBalance, ProviderError, RateLimited
 from workers.actions import ON_POLL, Action, action_for
+from workers.collect import OutputUnavailable, store_outputs
 from workers.context import call_context, fail_current, load_job, log, log_extra, runtime_of, through_redis_outage
 from workers.keys import take_key_out
 
@@ -133,6 +134,8 @@ async def _poll_failed(rt: Runtime, provider: Provider, job: Job, exc: ProviderE
 async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskStatus) -> None:
     """Apply a fetched provider status to the job (also used after callbacks)."""
     common: dict[str, Any] = {"provider_status": status.raw_status, "polls": job.polls + 1, "poll_errors": 0}
+    if status.task_state is not None:
+        common["provider_state"] = {**job.provider_state, **status.task_state.model_dump(exclude_none=True)}
     if status.progress is not None:
         common["progress"] = status.progress
     if status.request_id:
@@ -174,6 +177,34 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
     except Conflict:
         log.info("job changed while applying a status; the newer state stands",
                  extra=log_extra(job, "status.superseded"))
+
+
+async def apply_now(rt: Runtime, provider: Provider, job: Job, status: TaskStatus) -> None:
+    """Apply the status a create call answered with (a synchronous provider, or a task already done).
+
+    Outputs the provider returned inline (``data:`` URLs: base64 or bytes in the response) are stored
+    here at once, like downloaded ones, so they never sit in the job record; linked outputs take the
+    usual collect step (before their links expire).
+    """
+    inline = status.state == "succeeded" and status.outputs and all(o.url.startswith("data:") for o in status.outputs)
+    if not inline:
+        await apply_status(rt, provider, job, status)
+        return
+    try:
+        stored = await store_outputs(rt, provider, call_context(rt, provider, job), job, status.outputs)
+    except OutputUnavailable as exc:
+        await fail_current(rt, job, exc.code, str(exc))
+        return
+    except keypool.KeyUnavailable as exc:
+        await fail_current(rt, job, exc.code, exc.message, exc.detail)
+        return
+    try:
+        job = await rt.jobs.transition(job, S.running, provider_status=status.raw_status, polls=job.polls,
+                                       progress=100)
+        await rt.jobs.transition(job, S.succeeded, outputs=stored, note=None)
+    except Conflict:
+        log.info("job changed while its outputs were stored (canceled?); outputs kept in storage",
+                 extra=log_extra(job, "collect.superseded"))
 
 
 async def _next_poll(rt: Runtime, provider: Provider, job: Job, hint: float | None, **changes: Any) -> None:

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from orchestrator.domain.deadlines import deadline_passed
-from orchestrator.domain.job import Job, ReconcileRetry, generation_request
+from orchestrator.domain.job import Job, ReconcileRetry
 from orchestrator.domain.schedule import poll_delay
 from orchestrator.infra import metrics
 from orchestrator.services.runtime import Runtime
@@ -32,17 +32,19 @@ from providers.errors import (
 )
 from workers.actions import ON_SUBMIT, TRANSIENT_LOOKUP, Action, action_for
 from workers.context import (
+    SourceUnavailable,
     call_context,
     fail_current,
     load_job,
     log,
     log_extra,
+    requested,
     runtime_of,
     through_redis_outage,
 )
 from workers.keys import take_key_out
 from workers.path import Reentry, SubmitEntry, interrupted_wait, submit_again, submit_entry
-from workers.poll import schedule_poll
+from workers.poll import apply_now, schedule_poll
 
 S = JobStatus
 BUDGET_NOTE = "throttled: waiting for the request budget"
@@ -81,6 +83,15 @@ async def _submit(rt: Runtime, provider: Provider, job: Job) -> None:
                            status=S.timed_out)
         return
     try:
+        request, source = await requested(rt, job)
+    except SourceUnavailable as exc:
+        await fail_current(rt, job, exc.code, str(exc))
+        return
+    op = provider.operation(job.operation, job.model)
+    if source is not None and op is not None and op.source == "task" and not job.key_id:
+        # A follow-up of the provider's own task: only the key that created the task can act on it.
+        job = job.model_copy(update={"key_id": source.key_id})
+    try:
         call = call_context(rt, provider, job, await keypool.out_of_pool(
             rt.redis, job.provider, provider.settings.api_keys))
     except keypool.NoUsableKey as exc:
@@ -104,7 +115,7 @@ async def _submit(rt: Runtime, provider: Provider, job: Job) -> None:
     except Conflict:
         return  # someone else is submitting it
     try:
-        result = await provider.submit(call, generation_request(job))
+        result = await provider.submit(call, request)
     except ProviderError as exc:
         await _submit_failed(rt, provider, job, kid, exc)
         return
@@ -178,7 +189,10 @@ async def _submitted(rt: Runtime, provider: Provider, job: Job, result: SubmitRe
                 phase="waiting", poll_seq=current.poll_seq + 1,
                 active_at=time.time() + delay + rt.settings.sweep_grace_seconds,
             ))
-            await schedule_poll(rt, provider, job, delay)
+            if result.done is not None:
+                await apply_now(rt, provider, job, result.done)  # the create call answered with the result
+            else:
+                await schedule_poll(rt, provider, job, delay)
             return
         except Conflict:
             fresh = await through_redis_outage(functools.partial(load_job, rt, job.id))
@@ -272,8 +286,9 @@ async def _resolve_unknown(rt: Runtime, provider: Provider, job: Job, exc: Provi
     """The provider may have accepted the submission: find the task, or never pay twice."""
     since = job.submit_started_at or job.created_at.timestamp()
     try:
-        found = await provider.reconcile(call_context(rt, provider, job), generation_request(job), since)
-    except (ProviderError, keypool.KeyUnavailable) as rec_exc:
+        request, _ = await requested(rt, job)
+        found = await provider.reconcile(call_context(rt, provider, job), request, since)
+    except (ProviderError, keypool.KeyUnavailable, SourceUnavailable) as rec_exc:
         log.warning("reconcile failed: %s", rec_exc, extra=log_extra(job, "submit.reconcile_failed"))
         if isinstance(rec_exc, TRANSIENT_LOOKUP) and await _reconcile_later(rt, job, exc, rec_exc):
             return

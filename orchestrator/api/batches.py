@@ -26,7 +26,7 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
 
-async def validate_items(rt: Runtime, items: list[dict[str, object]]) -> tuple[
+async def validate_items(rt: Runtime, tenant: str, items: list[dict[str, object]]) -> tuple[
         list[tuple[int, JobRequest, str | None]], list[ItemProblem]]:
     valid: list[tuple[int, JobRequest, str | None]] = []
     problems: list[ItemProblem] = []
@@ -42,9 +42,9 @@ async def validate_items(rt: Runtime, items: list[dict[str, object]]) -> tuple[
             problems.append(ItemProblem(index=index, ref=ref, field=field_name(err.get("loc", ())),
                                         message=err.get("msg", "invalid")))
             continue
-        problem = request_problem(rt, item)
+        problem = await request_problem(rt, tenant, item)
         if problem is not None:
-            problems.append(ItemProblem(index=index, ref=ref, field=problem[0], message=problem[1]))
+            problems.append(ItemProblem(index=index, ref=ref, field=problem[1], message=problem[2]))
             continue
         refused = await destinations.problem(str(item.webhook_url)) if item.webhook_url else None
         if refused is not None:
@@ -66,7 +66,7 @@ async def create_batch(request: BatchRequest, raw: Request, rt: RuntimeDep, tena
                        idempotency_key: IdempotencyKey = None) -> BatchCreated:
     if request.webhook_url is not None:
         await check_url(rt, str(request.webhook_url), "webhook_url")
-    valid, problems = await validate_items(rt, request.jobs)
+    valid, problems = await validate_items(rt, tenant, request.jobs)
     if request.atomic and problems:
         raise Problem(422, "Invalid batch", f"{len(problems)} of {len(request.jobs)} items are invalid and the "
                       "batch is atomic: nothing was accepted",

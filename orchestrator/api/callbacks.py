@@ -60,6 +60,8 @@ async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> 
         log.warning("callback with a missing or wrong token", extra={"provider": provider,
                                                                      "event": "callback.rejected"})
         return problem_response(401, "Callback not verified", "missing or wrong callback token")
+    if hint.reply is not None:
+        return JSONResponse(hint.reply)  # a handshake (e.g. MiniMax's challenge), answered at once
     if job is None or job.provider != provider:
         return _ack("ignored: unknown job")
     if hint.task_id and job.provider_task_id and hint.task_id != job.provider_task_id:

@@ -10,8 +10,9 @@ from fastapi import APIRouter, Header, Query, Response
 from orchestrator.api.deps import RuntimeDep, TenantDep, owned_job
 from orchestrator.api.problems import Problem
 from orchestrator.api.webhook_endpoints import check_url
-from orchestrator.domain.job import generation_request
+from orchestrator.domain.job import generation_request, source_media
 from orchestrator.services.runtime import Runtime
+from orchestrator.services.sources import SourceProblem, source_job
 from orchestrator.store.jobs import Conflict, IdempotencyConflict
 from orchestrator.wire.jobs import (
     TERMINAL,
@@ -30,34 +31,46 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
 
-def request_problem(rt: Runtime, request: JobRequest) -> tuple[str, str] | None:
-    """``(field, message)`` for the first thing the provider would refuse, or ``None``."""
+async def request_problem(rt: Runtime, tenant: str, request: JobRequest) -> tuple[int, str, str] | None:
+    """``(status, field, message)`` for the first thing the provider would refuse, or ``None``.
+
+    A follow-up's source must be the tenant's (404), succeeded (409) and have the output (422).
+    """
     provider = rt.registry.get(request.provider)
     if provider is None:
         names = ", ".join(rt.registry.names()) or "none"
-        return "provider", f"unknown or unconfigured provider {request.provider!r} (configured: {names})"
+        return 422, "provider", f"unknown or unconfigured provider {request.provider!r} (configured: {names})"
     if not provider.settings.api_keys:
-        return "provider", f"{request.provider} has no API key configured on this server"
+        return 422, "provider", f"{request.provider} has no API key configured on this server"
+    source = None
+    if request.source is not None:
+        try:
+            found = await source_job(rt.store, tenant, request.source)
+        except SourceProblem as exc:
+            return exc.status, exc.field, exc.message
+        url = await rt.storage.url(found.outputs[request.source.output].key, rt.settings.output_url_ttl_seconds)
+        source = source_media(found, request.source.output, url)
     try:
-        provider.validate(generation_request(request))
+        provider.validate(generation_request(request, source))
     except InvalidInput as exc:
-        return exc.field, exc.message
+        return 422, exc.field, exc.message
     return None
 
 
-def validate_request(rt: Runtime, request: JobRequest) -> None:
+async def validate_request(rt: Runtime, tenant: str, request: JobRequest) -> None:
     """Everything the provider would refuse, refused here with the field named (nothing is enqueued)."""
-    problem = request_problem(rt, request)
+    problem = await request_problem(rt, tenant, request)
     if problem is not None:
-        field, message = problem
-        raise Problem(422, "Invalid request", f"{field}: {message}", errors=[{"field": field, "message": message}])
+        status, field, message = problem
+        title = {404: "Not found", 409: "Conflict"}.get(status, "Invalid request")
+        raise Problem(status, title, f"{field}: {message}", errors=[{"field": field, "message": message}])
 
 
 @router.post("", status_code=202, response_model=JobView,
              responses={200: {"description": "An earlier job with the same Idempotency-Key and body"}})
 async def submit_job(request: JobRequest, rt: RuntimeDep, tenant: TenantDep, response: Response,
                      idempotency_key: IdempotencyKey = None) -> JobView:
-    validate_request(rt, request)
+    await validate_request(rt, tenant, request)
     if request.webhook_url is not None:
         await check_url(rt, str(request.webhook_url), "webhook_url")
     provider = rt.registry.get(request.provider)

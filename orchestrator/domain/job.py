@@ -21,9 +21,10 @@ from orchestrator.wire.jobs import (
     JobStatus,
     Phase,
     Priority,
+    SourceRef,
     utcnow,
 )
-from providers.contract import GenerationRequest, MediaInput, MediaKind, ProviderOutput, TaskRef
+from providers.contract import GenerationRequest, MediaInput, MediaKind, ProviderOutput, SourceMedia, TaskRef
 
 
 class Output(BaseModel):
@@ -84,6 +85,8 @@ class Job(BaseModel):
     idempotency_key: str | None = None
     batch_id: str | None = None
     ref: str | None = None
+    operation: str = "generate"
+    source: SourceRef | None = None
 
     provider_task_id: str | None = None
     provider_request_id: str | None = None
@@ -138,17 +141,34 @@ class BatchRecord(BaseModel):
     idempotency_key: str | None = None
 
 
-def generation_request(job: Job | JobRequest) -> GenerationRequest:
+def generation_request(job: Job | JobRequest, source: SourceMedia | None = None) -> GenerationRequest:
     """What an adapter is told to render for a job, or to validate for a request (never the record
-    itself). The reference is the job's id, which adapters may send as the provider's external id."""
+    itself). The reference is the job's id, which adapters may send as the provider's external id.
+
+    ``generate`` with a source takes the source's stored output as its input image (unless the
+    request names one).
+    """
     given = job.input
+    image_url = str(given.image_url) if given.image_url is not None else None
+    if job.operation == "generate" and source is not None and image_url is None:
+        image_url = source.url
     return GenerationRequest(
         kind=MediaKind(job.kind.value), model=job.model, reference=job.id if isinstance(job, Job) else "",
-        input=MediaInput(prompt=given.prompt, negative_prompt=given.negative_prompt,
-                         image_url=str(given.image_url) if given.image_url is not None else None,
+        operation=job.operation, source=source,
+        input=MediaInput(prompt=given.prompt, negative_prompt=given.negative_prompt, image_url=image_url,
                          duration_seconds=given.duration_seconds, aspect_ratio=given.aspect_ratio,
                          resolution=given.resolution, seed=given.seed, num_outputs=given.num_outputs,
                          options=given.options))
+
+
+def source_media(source: Job, output: int, url: str | None = None) -> SourceMedia:
+    """What a follow-up's adapter is told of its source job (``url``: where its output can be fetched)."""
+    stored = source.outputs[output]
+    announced = source.provider_outputs[output].metadata if output < len(source.provider_outputs) else {}
+    return SourceMedia(provider=source.provider, model=source.model, kind=MediaKind(source.kind.value),
+                       task_id=source.provider_task_id, state=source.provider_state, output_index=output,
+                       output_content_type=stored.content_type, output_metadata={**announced, **stored.metadata},
+                       url=url)
 
 
 def task_ref(job: Job) -> TaskRef:

@@ -9,12 +9,16 @@ not fit one environment variable::
     typical_seconds = { image = 6, video = 120, "minimax/video-01" = 300 }  # per kind or per model
     job_timeout_seconds = 7200
     job_timeout_by_model = { "minimax/video-01" = 1800, "google/veo-*" = 5400 }
+    request_timeout_seconds = 60                                 # one create request (synchronous images)
+    request_timeout_by_model = { "gpt-image-*" = 300 }
+    concurrency = 4                                              # tasks (or synchronous calls) in flight per key
 
 Environment variables win over the file.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -23,29 +27,11 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers.contract import ProviderSettings
+from providers.registry import ADAPTERS
 
-PROVIDERS = ("sora", "veo", "kling", "runway", "suno", "replicate", "fal")
-
-DEFAULT_BASE_URLS = {
-    "sora": "https://api.openai.com",
-    "veo": "https://generativelanguage.googleapis.com",
-    "kling": "https://api-singapore.klingai.com",
-    "runway": "https://api.dev.runwayml.com",
-    "replicate": "https://api.replicate.com",
-    "fal": "https://queue.fal.run",
-    "suno": "",  # no official API: the gateway's or sunoapi's origin must be configured
-}
-
-# Typical render time per kind (seconds): the first poll comes after a fraction of it.
-DEFAULT_TYPICAL_SECONDS: dict[str, dict[str, float]] = {
-    "sora": {"video": 120},
-    "veo": {"video": 90},
-    "kling": {"video": 180},
-    "runway": {"video": 60},
-    "suno": {"audio": 60},
-    "replicate": {"image": 8, "video": 90, "audio": 40},
-    "fal": {"image": 6, "video": 90, "audio": 30},
-}
+# Every provider with an adapter; its defaults (base URL, typical render time per kind, concurrency)
+# are the adapter's class attributes.
+PROVIDERS = tuple(ADAPTERS)
 
 SANDBOX_KEY = "sandbox-key"
 
@@ -185,15 +171,23 @@ class Settings(BaseSettings):
                 result[name] = cfg
         return result
 
+    def _env(self, name: str, suffix: str) -> Any:
+        """``ATELIER_<NAME>_<SUFFIX>``: a declared field for the first providers, else read from the
+        environment as it is (providers added later need no field each)."""
+        if f"{name}_{suffix}" in type(self).model_fields:
+            return getattr(self, f"{name}_{suffix}")
+        return os.environ.get(f"ATELIER_{name.upper()}_{suffix.upper()}") or None
+
     def _provider(self, name: str) -> ProviderSettings | None:
+        adapter = ADAPTERS[name]
         file_cfg = dict(self.providers_file.get(name, {}))
-        env_url = getattr(self, f"{name}_base_url")
+        env_url = self._env(name, "base_url")
         base_url = env_url or file_cfg.pop("base_url", None)
         sandboxed = self.sandbox and not base_url
         if sandboxed:
             mount = "suno-api" if name == "suno" and self.suno_flavor == "sunoapi" else name
             base_url = f"{self.sandbox_url.rstrip('/')}/{mount}"
-        base_url = base_url or DEFAULT_BASE_URLS[name]
+        base_url = base_url or adapter.default_base_url
         if not base_url:
             return None
         keys = self._keys(name, file_cfg.pop("api_keys", None))
@@ -203,6 +197,11 @@ class Settings(BaseSettings):
             extra.setdefault("secret_key", _secret(self.kling_secret_key) or ("sandbox-sk" if sandboxed else ""))
             if not keys and extra["access_key"]:
                 keys = [extra["access_key"]]
+        if name == "jimeng":  # Volcengine signs requests with an access key / secret key pair
+            for part in ("access_key", "secret_key"):
+                value = self._env(name, part)
+                if value:
+                    extra.setdefault(part, str(value))
         if name == "suno":
             extra.setdefault("flavor", self.suno_flavor)
         if name == "fal":
@@ -215,7 +214,7 @@ class Settings(BaseSettings):
             extra.setdefault("webhook_secret", self.replicate_webhook_secret.get_secret_value())
         if not keys and sandboxed:
             keys = [SANDBOX_KEY]
-        typical = dict(DEFAULT_TYPICAL_SECONDS[name])
+        typical = dict(adapter.default_typical_seconds)
         if sandboxed:
             typical = {kind: 1.0 for kind in typical}
         typical.update(file_cfg.pop("typical_seconds", {}))
@@ -223,27 +222,45 @@ class Settings(BaseSettings):
             name=name,
             base_url=base_url,
             api_keys=keys,
-            timeout_seconds=float(file_cfg.pop("timeout_seconds", self.http_timeout_seconds)),
+            timeout_seconds=float(_number(self._env(name, "request_timeout_seconds"), float)
+                                  or file_cfg.pop("request_timeout_seconds", None)
+                                  or file_cfg.pop("timeout_seconds", self.http_timeout_seconds)),
             typical_seconds=typical,
             poll_initial_seconds=file_cfg.pop("poll_initial_seconds", None),
             poll_max_seconds=float(file_cfg.pop("poll_max_seconds", self.poll_max_seconds)),
             job_timeout_seconds=float(file_cfg.pop("job_timeout_seconds", self.job_timeout_seconds)),
-            job_timeout_by_model=_timeouts_by_model(name, file_cfg.pop("job_timeout_by_model", {})),
-            concurrency=getattr(self, f"{name}_concurrency") or file_cfg.pop("concurrency", None),
-            rpm=getattr(self, f"{name}_rpm") or file_cfg.pop("rpm", None),
+            job_timeout_by_model=_timeouts_by_model(name, file_cfg.pop("job_timeout_by_model", {}),
+                                                    "job_timeout_by_model"),
+            concurrency=(_number(self._env(name, "concurrency"), int) or file_cfg.pop("concurrency", None)
+                         or adapter.default_concurrency),
+            rpm=_number(self._env(name, "rpm"), float) or file_cfg.pop("rpm", None),
+            request_timeout_by_model=_timeouts_by_model(name, file_cfg.pop("request_timeout_by_model", {}),
+                                                        "request_timeout_by_model"),
             extra=extra | file_cfg,
         )
 
     def _keys(self, name: str, from_file: list[str] | None) -> list[str]:
-        env_value = _secret(getattr(self, f"{name}_api_key", None))
+        raw = self._env(name, "api_key")
+        env_value = _secret(raw) if isinstance(raw, SecretStr) or raw is None else str(raw)
         if env_value:
             return [k.strip() for k in env_value.split(",") if k.strip()]
         return list(from_file or [])
 
 
-def _timeouts_by_model(provider: str, table: Any) -> dict[str, float]:
-    """``job_timeout_by_model`` of a provider's TOML table: model (or pattern) -> positive seconds."""
-    where = f"[providers.{provider}] job_timeout_by_model"
+def _number(value: Any, kind: type[int] | type[float]) -> Any:
+    """An ``ATELIER_<P>_...`` number: declared fields are already typed, raw environment values are not."""
+    if value is None or isinstance(value, int | float):
+        return value
+    try:
+        return kind(value)
+    except ValueError as exc:
+        raise ValueError(f"expected a number, got {value!r}") from exc
+
+
+def _timeouts_by_model(provider: str, table: Any, key: str) -> dict[str, float]:
+    """``job_timeout_by_model`` (or ``request_timeout_by_model``) of a provider's TOML table:
+    model (or pattern) -> positive seconds."""
+    where = f"[providers.{provider}] {key}"
     if not isinstance(table, dict):
         raise ValueError(f"{where} must be a table of model = seconds")
     result = {}

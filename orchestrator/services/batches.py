@@ -192,7 +192,7 @@ class Batches:
             model=item.model, input=item.input, webhook_url=str(item.webhook_url) if item.webhook_url else None,
             metadata=item.metadata, priority=item.priority, retry_unknown_submissions=item.retry_unknown_submissions,
             batch_id=record.id, ref=ref, callback_token=token(), created_at=now, updated_at=now,
-            timestamps={"queued": now}, deadline_at=deadline,
+            timestamps={"queued": now}, deadline_at=deadline, operation=item.operation, source=item.source,
         )
 
     # -- reading ------------------------------------------------------------------------

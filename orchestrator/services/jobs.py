@@ -41,7 +41,10 @@ MAX_KNOWN_TENANTS = 10_000
 
 
 def body_hash(request: JobRequest) -> str:
-    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    body = request.model_dump(mode="json")
+    if body["operation"] == "generate" and body["source"] is None:
+        del body["operation"], body["source"]  # hashed as before these fields existed (keys stay valid)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -77,10 +80,11 @@ class Jobs:
 
     # -- creating ----------------------------------------------------------------
     async def create(self, tenant: str, request: JobRequest, *, idempotency_key: str | None = None,
-                     provider: ProviderSettings | None = None) -> tuple[Job, bool]:
+                     provider: ProviderSettings | None = None, key_id: str | None = None) -> tuple[Job, bool]:
         """Record a job and schedule its submission. Returns ``(job, created)``.
 
         ``provider``: the settings that give the job its deadline (see ``deadline_for``).
+        ``key_id``: the provider key it must use (a follow-up of a task, with the key that created it).
         """
         now = utcnow()
         job = Job(
@@ -90,6 +94,7 @@ class Jobs:
             retry_unknown_submissions=request.retry_unknown_submissions, idempotency_key=idempotency_key,
             callback_token=token(), created_at=now, updated_at=now, timestamps={"queued": now},
             deadline_at=deadline_for(request, provider, self.settings.job_timeout_seconds, now),
+            operation=request.operation, source=request.source, key_id=key_id,
         )
         job, created = await self.store.create(
             job, active_at=time.time() + self.settings.sweep_grace_seconds,

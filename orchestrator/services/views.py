@@ -33,5 +33,5 @@ class JobViews:
             provider_status=job.provider_status, note=job.note, attempts=job.attempts, metadata=job.metadata,
             webhook_url=job.webhook_url, batch_id=job.batch_id, ref=job.ref, created_at=job.created_at,
             updated_at=job.updated_at, timestamps=job.timestamps, deadline_at=job.deadline_at,
-            sequence=job.version,
+            sequence=job.version, operation=job.operation, source=job.source,
         )

@@ -75,6 +75,15 @@ class JobInput(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class SourceRef(BaseModel):
+    """The earlier job a follow-up acts on, and which of its outputs (0 = the first)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(pattern=r"^job_[A-Za-z0-9_]{1,80}$")
+    output: int = Field(0, ge=0, le=99)
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -87,6 +96,10 @@ class JobRequest(BaseModel):
     priority: Priority = Priority.normal
     # Generation costs money: after an ambiguous submit we fail the job unless the client opts in.
     retry_unknown_submissions: bool = False
+    # A follow-up (``upscale``, ``extend``, ``remix``...) of ``source``, or ``generate``; ``generate``
+    # with a source takes the source's output as its input image.
+    operation: str = Field("generate", pattern=r"^[a-z][a-z0-9_]{0,39}$")
+    source: SourceRef | None = None
 
     @field_validator("metadata")
     @classmethod
@@ -139,6 +152,8 @@ class JobView(BaseModel):
     webhook_url: str | None
     batch_id: str | None
     ref: str | None = None
+    operation: str = "generate"
+    source: SourceRef | None = None
     created_at: datetime
     updated_at: datetime
     timestamps: dict[str, datetime]
