@@ -205,6 +205,9 @@ class CallContext:
     # Seconds a create request may take for this model (``request_timeout_seconds`` /
     # ``request_timeout_by_model``); pass it to ``providers.http.send``. ``None``: the client's default.
     timeout: float | None = None
+    # For media inputs a tenant named (``image_url``): the destination-guarded client (see
+    # ``providers.http.fetch_input``); ``None`` falls back to ``http``.
+    media_http: httpx.AsyncClient | None = None
 
 
 @dataclass

@@ -8,9 +8,11 @@ import re
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from providers.contract import CallContext
 from providers.errors import (
     AuthFailed,
     InsufficientBalance,
@@ -114,3 +116,51 @@ def raise_for_common_status(response: httpx.Response, *, creates: bool = False, 
         raise TaskNotFound(f"provider does not know this task (HTTP {status})", detail=body_detail,
                            status_code=status)
     raise Rejected(f"provider refused the request (HTTP {status})", detail=body_detail, status_code=status)
+
+
+class DestinationRefused(Exception):
+    """A guarded client refused to connect: the URL points to a private, loopback, link-local or
+    metadata address (raised by the orchestrator's destination guard at connect time)."""
+
+
+MAX_INPUT_REDIRECTS = 5
+
+
+async def fetch_input(ctx: CallContext, url: str, *, max_bytes: int, what: str = "the input image",
+                      code: str = "input_unavailable") -> tuple[bytes, str | None]:
+    """Download a media input a tenant named (an ``image_url``): bounded, through the destination-guarded
+    client (``ctx.media_http``), following redirects by hand so that every hop is checked again.
+
+    Nothing is created at the provider if this fails. The error tells the tenant why in their terms,
+    never what answered inside (an internal service's body or error must not leak into a job's error).
+    Returns the bytes and the content type the server declared.
+    """
+    http = ctx.media_http or ctx.http
+    for _ in range(MAX_INPUT_REDIRECTS + 1):
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise Rejected(f"{what} must be an http(s) URL", code=code)
+        try:
+            async with http.stream("GET", url, follow_redirects=False) as response:
+                if response.is_redirect and "location" in response.headers:
+                    url = urljoin(url, response.headers["location"])
+                    continue
+                if response.status_code >= 500:
+                    raise Unavailable(f"{what} could not be fetched: its server answered HTTP {response.status_code}")
+                if response.status_code >= 400:
+                    raise Rejected(f"{what} could not be fetched: its server answered HTTP {response.status_code}",
+                                   code=code)
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise Rejected(f"{what} is larger than {max_bytes} bytes", code=code)
+                return bytes(data), response.headers.get("content-type")
+        except DestinationRefused as exc:
+            raise Rejected(f"{what} could not be fetched: its URL points to a private or internal address",
+                           code=code) from exc
+        except httpx.TimeoutException as exc:
+            raise Unavailable(f"{what} could not be fetched: its server did not answer in time") from exc
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"{what} could not be fetched: its server could not be reached") from exc
+    raise Rejected(f"{what} could not be fetched: more than {MAX_INPUT_REDIRECTS} redirects",
+                   code=code)

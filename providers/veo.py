@@ -65,9 +65,15 @@ from providers.errors import (
     MalformedResponse,
     RateLimited,
     Rejected,
-    Unavailable,
 )
-from providers.http import expect_object, parse_json, raise_for_common_status, retry_after_seconds, send
+from providers.http import (
+    expect_object,
+    fetch_input,
+    parse_json,
+    raise_for_common_status,
+    retry_after_seconds,
+    send,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +283,7 @@ class VeoProvider(Provider):
     async def submit(self, ctx: CallContext, request: GenerationRequest) -> SubmitResult:
         veo = self.build(request.model, request.input)
         if veo.image_url is not None:
-            veo.instance["image"] = await _fetch_image(ctx.http, veo.image_url)
+            veo.instance["image"] = await _fetch_image(ctx, veo.image_url)
         url = f"{self.base_url}/v1beta/models/{request.model}:predictLongRunning"
         http_request = ctx.http.build_request("POST", url, json=veo.body(), headers=self._headers(ctx))
         response = await send(ctx.http, http_request, creates=True)
@@ -400,25 +406,14 @@ def _sniff_image(head: bytes) -> str | None:
     return None
 
 
-async def _fetch_image(http: httpx.AsyncClient, url: str) -> dict[str, str]:
-    """Download ``image_url`` (bounded) and inline it: nothing is created at Veo if this fails."""
-    try:
-        async with http.stream("GET", url, follow_redirects=True) as response:
-            if response.status_code >= 500:
-                raise Unavailable(f"the input image answered HTTP {response.status_code}")
-            if response.status_code >= 400:
-                raise _image_error(f"the input image could not be fetched (HTTP {response.status_code})")
-            data = bytearray()
-            async for chunk in response.aiter_bytes():
-                data += chunk
-                if len(data) > MAX_IMAGE_BYTES:
-                    raise _image_error(f"the input image is larger than {MAX_IMAGE_BYTES} bytes")
-    except httpx.HTTPError as exc:
-        raise Unavailable(f"the input image could not be fetched ({exc.__class__.__name__})") from exc
-    mime = _sniff_image(bytes(data[:16]))
+async def _fetch_image(ctx: CallContext, url: str) -> dict[str, str]:
+    """Download ``image_url`` (bounded, destination-guarded) and inline it: nothing is created at Veo if
+    this fails."""
+    data = (await fetch_input(ctx, url, max_bytes=MAX_IMAGE_BYTES, code="input_image_unavailable"))[0]
+    mime = _sniff_image(data[:16])
     if mime is None:
         raise _image_error("the input image is not a PNG, JPEG or WebP file")
-    return {"bytesBase64Encoded": base64.b64encode(bytes(data)).decode(), "mimeType": mime}
+    return {"bytesBase64Encoded": base64.b64encode(data).decode(), "mimeType": mime}
 
 
 def _image_error(message: str) -> Rejected:

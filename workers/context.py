@@ -58,7 +58,7 @@ def call_context(rt: Runtime, provider: Provider, job: Job,
         base = rt.settings.public_url.rstrip("/")
         callback_url = f"{base}/v1/callbacks/{job.provider}?job={job.id}&token={job.callback_token}"
     return CallContext(http=rt.http_for(job.provider), api_key=key, callback_url=callback_url,
-                       timeout=provider.settings.request_timeout(job.model))
+                       timeout=provider.settings.request_timeout(job.model), media_http=rt.media_http)
 
 
 class SourceUnavailable(Exception):

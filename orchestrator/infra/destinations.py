@@ -27,6 +27,8 @@ import httpcore
 import httpx
 from httpcore import AsyncNetworkBackend, AsyncNetworkStream
 
+from providers.http import DestinationRefused as _DestinationRefused
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Cloud instance-metadata services (some are on otherwise public or shared addresses).
@@ -43,8 +45,9 @@ METADATA_NAMES = frozenset({"metadata", "metadata.google.internal", "metadata.go
 RESOLVE_TIMEOUT_SECONDS = 3.0
 
 
-class DestinationRefused(Exception):
-    """A webhook destination resolved to an address Atelier does not send to."""
+# A destination that resolved to an address Atelier does not send to (defined with the providers'
+# HTTP helpers, which recognise it when they fetch a tenant's media input).
+DestinationRefused = _DestinationRefused
 
 
 def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

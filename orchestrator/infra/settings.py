@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
     # Send webhooks to loopback, private, link-local... addresses (off: refused at registration and delivery).
     webhook_allow_private: bool = False
+    # Fetch media inputs a tenant names (image_url...) from such addresses too; unset: as webhooks.
+    fetch_allow_private: bool | None = None
     # A webhook endpoint whose deliveries have failed without a success for this long is disabled.
     webhook_disable_after_seconds: float = 5 * 24 * 3600.0
 
@@ -143,6 +145,10 @@ class Settings(BaseSettings):
         if self.config_file is not None and not self.providers_file:
             data = tomllib.loads(Path(self.config_file).read_text())
             self.providers_file = dict(data.get("providers", {}))
+
+    @property
+    def allow_private_fetches(self) -> bool:
+        return self.webhook_allow_private if self.fetch_allow_private is None else self.fetch_allow_private
 
     @property
     def callbacks_enabled(self) -> bool:

@@ -12,6 +12,7 @@ import httpx
 from arq.connections import ArqRedis
 
 from orchestrator.infra import logs, metrics
+from orchestrator.infra.destinations import webhook_client
 from orchestrator.infra.settings import Settings
 from orchestrator.infra.storage import Storage, open_storage
 from orchestrator.services.batches import Batches, BatchEvents
@@ -43,6 +44,7 @@ class Runtime:
     endpoints: Endpoints
     slots: Slots
     http: httpx.AsyncClient  # output downloads (any host)
+    media_http: httpx.AsyncClient  # media inputs tenants name: the destination guard checks every connection
     provider_http: dict[str, httpx.AsyncClient]  # API calls: one small pool per provider
     throttle: Throttle
     polls: PollBoard
@@ -82,6 +84,7 @@ class Runtime:
         return cls(settings=settings, redis=redis, store=store, queue=queue, storage=storage,
                    registry=registry, jobs=jobs, batches=Batches(jobs, events), endpoints=endpoints, slots=slots,
                    http=client(200), provider_http={name: client(100) for name in registry.providers},
+                   media_http=webhook_client(settings.http_timeout_seconds, settings.allow_private_fetches),
                    throttle=throttle, polls=polls)
 
     def http_for(self, provider: str) -> httpx.AsyncClient:
@@ -90,6 +93,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.media_http.aclose()
         for client in self.provider_http.values():
             await client.aclose()
         await self.redis.aclose()
