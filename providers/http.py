@@ -77,7 +77,7 @@ def gateway_quota_exhausted(code: Any, message: str) -> bool:
 def parse_json(response: httpx.Response) -> Any:
     try:
         return response.json()
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (RecursionError: nested thousands of levels deep)
         excerpt = response.text[:200]
         raise MalformedResponse(
             f"provider answered HTTP {response.status_code} with a body that is not JSON",

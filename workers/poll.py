@@ -15,9 +15,10 @@ from orchestrator.domain.schedule import poll_delay, poll_rank, woken_rank
 from orchestrator.services.runtime import Runtime
 from orchestrator.store import keypool
 from orchestrator.store.jobs import Conflict
+from orchestrator.wire import limits
 from orchestrator.wire.jobs import TERMINAL, JobStatus
 from providers.contract import Provider, TaskStatus
-from providers.errors import AuthFailed, InsufficientBalance, ProviderError, RateLimited
+from providers.errors import AuthFailed, InsufficientBalance, MalformedResponse, ProviderError, RateLimited
 from workers.actions import ON_POLL, Action, action_for
 from workers.collect import OutputUnavailable, store_outputs
 from workers.context import call_context, fail_current, load_job, log, log_extra, runtime_of, through_redis_outage
@@ -68,6 +69,9 @@ async def poll(rt: Runtime, job_id: str, seq: int, *, budget_spent: bool = True)
     except keypool.KeyUnavailable as exc:
         await fail_current(rt, job, exc.code, exc.message, exc.detail)
         return
+    except Exception as exc:  # noqa: BLE001 - an answer the adapter could not read: one job's problem
+        await _poll_failed(rt, provider, job, unreadable(exc))
+        return
     await apply_status(rt, provider, job, status)
 
 
@@ -98,12 +102,22 @@ async def poll_group(rt: Runtime, polls: list[tuple[str, int]]) -> None:
         # e.g. one bad id spoils the request: read each on its own for its own error
     except keypool.KeyUnavailable:
         pass  # each read on its own fails with its own message
+    except Exception as exc:  # noqa: BLE001 - an answer the adapter could not read
+        for job in live:
+            await _poll_failed(rt, provider, job, unreadable(exc))
+        return
     for job in live:
         status = statuses.get(job.provider_task_id or "")
         if status is None:
             await poll(rt, job.id, job.poll_seq, budget_spent=False)
         else:
             await apply_status(rt, provider, job, status)
+
+
+def unreadable(exc: Exception) -> MalformedResponse:
+    """An adapter failed on a provider's answer (nested too deep, not what it expected): the job's
+    problem, retried and then failed like any malformed answer, never a crash of the poller."""
+    return MalformedResponse(f"the provider's answer could not be read ({exc.__class__.__name__})")
 
 
 async def _poll_failed(rt: Runtime, provider: Provider, job: Job, exc: ProviderError) -> None:
@@ -133,13 +147,17 @@ async def _poll_failed(rt: Runtime, provider: Provider, job: Job, exc: ProviderE
 
 async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskStatus) -> None:
     """Apply a fetched provider status to the job (also used after callbacks)."""
-    common: dict[str, Any] = {"provider_status": status.raw_status, "polls": job.polls + 1, "poll_errors": 0}
+    common: dict[str, Any] = {"provider_status": limits.clean_text(status.raw_status, 200),
+                              "polls": job.polls + 1, "poll_errors": 0}
     if status.task_state is not None:
-        common["provider_state"] = {**job.provider_state, **status.task_state.model_dump(exclude_none=True)}
+        learnt = limits.bounded(status.task_state.model_dump(exclude_none=True))
+        common["provider_state"] = {**job.provider_state, **learnt}
     if status.progress is not None:
-        common["progress"] = status.progress
+        common["progress"] = max(0, min(100, status.progress))
     if status.request_id:
-        common["provider_request_id"] = status.request_id
+        common["provider_request_id"] = limits.clean_text(status.request_id, 200)
+    for output in status.outputs:  # what a provider says of an output is kept bounded (it reads back)
+        output.metadata = limits.bounded(output.metadata)
     if status.state == "queued" and status.queue_position is not None:
         common["note"] = f"queue position {status.queue_position} at {job.provider}"
     elif job.note and job.note.startswith(("queue position", "throttled")):

@@ -20,6 +20,7 @@ from orchestrator.infra import metrics
 from orchestrator.services.runtime import Runtime
 from orchestrator.store import keypool
 from orchestrator.store.jobs import Conflict
+from orchestrator.wire import limits
 from orchestrator.wire.jobs import TERMINAL, JobStatus
 from providers.contract import Provider, SubmitResult
 from providers.errors import (
@@ -44,11 +45,12 @@ from workers.context import (
 )
 from workers.keys import take_key_out
 from workers.path import Reentry, SubmitEntry, interrupted_wait, submit_again, submit_entry
-from workers.poll import apply_now, schedule_poll
+from workers.poll import apply_now, schedule_poll, unreadable
 
 S = JobStatus
 BUDGET_NOTE = "throttled: waiting for the request budget"
 RECONCILE_TRIES = 6
+MAX_TASK_ID = 256
 
 
 async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
@@ -116,8 +118,15 @@ async def _submit(rt: Runtime, provider: Provider, job: Job) -> None:
         return  # someone else is submitting it
     try:
         result = await provider.submit(call, request)
+        bad_id = (not result.task_id or len(result.task_id) > MAX_TASK_ID or limits.problem(result.task_id)
+                  is not None)
+        if bad_id:
+            raise MalformedResponse("the provider's task id is not usable (empty, too long or not valid text)")
     except ProviderError as exc:
         await _submit_failed(rt, provider, job, kid, exc)
+        return
+    except Exception as exc:  # noqa: BLE001 - the adapter could not read the answer: the task may exist
+        await _submit_failed(rt, provider, job, kid, unreadable(exc))
         return
     expected = result.callback_expected if result.callback_expected is not None else call.callback_url is not None
     await _submitted(rt, provider, job, result, callback_expected=expected)

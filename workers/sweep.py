@@ -24,8 +24,8 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     now = time.time()
     grace = rt.settings.sweep_grace_seconds
     rescued = 0
-    for job_id in await rt.store.overdue(now):
-        job = await rt.store.get(job_id)
+    overdue = await rt.store.overdue(now)
+    for job_id, job in zip(overdue, await rt.store.get_many(overdue), strict=True):  # unreadable ones: quarantined
         if job is None or job.status in TERMINAL:
             await rt.store.forget_active(job_id)
             continue

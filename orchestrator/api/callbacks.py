@@ -46,6 +46,11 @@ async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> 
     ctx = CallContext(http=rt.http_for(provider), api_key=keys[0] if keys else "")
     try:
         hint = await adapter.verify_callback(ctx, request.headers, body)
+    except (RecursionError, ValueError, UnicodeError) as exc:  # a body or header no parser can read
+        metrics.callback_failed(provider, "unreadable")
+        log.warning("callback unreadable: %s", exc.__class__.__name__,
+                    extra={"provider": provider, "event": "callback.rejected"})
+        return problem_response(400, "Callback not readable", "the callback's body or headers cannot be read")
     except CallbackRejected as exc:
         metrics.callback_failed(provider, "signature")
         log.warning("callback rejected: %s", exc.message, extra={"provider": provider, "event": "callback.rejected"})

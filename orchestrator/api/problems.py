@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orchestrator.store.jobs import UnreadableRecord
+
 log = logging.getLogger("atelier.api")
 
 PROBLEM_JSON = "application/problem+json"
@@ -62,6 +64,17 @@ def install(app: FastAPI) -> None:
                  413: "Request body too large"}.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) else None
         return problem_response(exc.status_code, title, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(UnreadableRecord)
+    async def _unreadable(request: Request, exc: UnreadableRecord) -> JSONResponse:
+        log.error("%s", exc, extra={"job_id": exc.job_id, "event": "record.unreadable"})
+        return problem_response(410, "Gone", "this job's record cannot be read; it is set aside for an operator "
+                                             "(atelier quarantine list)")
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        # json.loads of a body nested thousands of levels deep (a million '[')
+        return problem_response(400, "Malformed JSON", "the request body is nested too deeply to read")
 
     last_logged = [0.0]
 

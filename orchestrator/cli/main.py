@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -93,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("create", help="create an API key for a tenant (printed once)")
     p.add_argument("--tenant", required=True)
     p.set_defaults(run=cmd_keys_create)
+
+    quarantine_parser = sub.add_parser("quarantine", help="stored records set aside because they cannot be read")
+    quarantine_parser.set_defaults(run=lambda _args: _usage(quarantine_parser))
+    quarantine = quarantine_parser.add_subparsers(dest="quarantine_command", metavar="ACTION")
+    p = quarantine.add_parser("list", help="list quarantined job records and why")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=cmd_quarantine_list)
 
     p = sub.add_parser("submit", help="submit a job")
     _client_args(p)
@@ -241,6 +249,33 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         raise CliError(f"cannot reach Redis at {logs.redact_url(settings.redis_url)}: {exc}") from exc
     print(key)
     print(f"(API key for tenant {args.tenant!r}; it is shown only this once)", file=sys.stderr)
+    return 0
+
+
+def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    from orchestrator.store.jobs import JobStore
+    from orchestrator.store.queue import connect
+
+    settings = _settings()
+
+    async def run() -> dict[str, str]:
+        redis = await connect(settings.redis_url, settings.queue_name)
+        try:
+            return await JobStore(redis).quarantined()
+        finally:
+            await redis.aclose()
+
+    try:
+        found = asyncio.run(run())
+    except OSError as exc:
+        raise CliError(f"cannot reach Redis at {logs.redact_url(settings.redis_url)}: {exc}") from exc
+    if args.json:
+        print(json.dumps(found, indent=2, sort_keys=True))
+    elif not found:
+        print("no quarantined records")
+    else:
+        for job_id, reason in sorted(found.items()):
+            print(f"{job_id}  {reason}")
     return 0
 
 

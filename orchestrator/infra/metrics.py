@@ -106,6 +106,7 @@ WEBHOOK_SECONDS = Histogram("atelier_webhook_delivery_seconds", "Latency of webh
                             ["outcome"], buckets=WEBHOOK_BUCKETS)
 CALLBACKS_FAILED = Counter("atelier_callback_verifications_failed", "Provider callbacks that failed verification",
                            ["provider", "reason"])
+QUARANTINED = Counter("atelier_records_quarantined", "Stored records that could not be read and were set aside")
 SWEEP_RESCUED = Counter("atelier_sweep_rescued", "Work re-scheduled by the sweeper after it was lost", ["kind"])
 
 QUEUE_JOBS = Gauge("atelier_queue_jobs", "arq queue entries: due now (waiting or running) or deferred",
@@ -262,6 +263,10 @@ def webhook_attempt(outcome: str, seconds: float) -> None:
 
 def callback_failed(provider: str, reason: str) -> None:
     CALLBACKS_FAILED.labels(provider, reason).inc()
+
+
+def record_quarantined() -> None:
+    QUARANTINED.inc()
 
 
 def swept(jobs: int, deliveries: int) -> None:

@@ -27,6 +27,7 @@ from orchestrator.services.views import JobViews
 from orchestrator.store.endpoints import Endpoints
 from orchestrator.store.jobs import REMOVE, EndpointsChanged, JobStore
 from orchestrator.store.queue import Queue
+from orchestrator.wire import limits
 from orchestrator.wire.jobs import TERMINAL, JobError, JobEvent, JobRequest, JobStatus, JobView, utcnow
 from providers.contract import ProviderSettings
 
@@ -176,8 +177,11 @@ class Jobs:
         log.warning("job failed: %s: %s", code, message,
                     extra={"job_id": job.id, "tenant": job.tenant, "provider": job.provider,
                            "event": f"job.{status.value}.error"})
-        return await self.transition(job, status, error=JobError(code=code, message=message,
-                                                                    provider_detail=detail), **changes)
+        # Provider words are kept bounded and valid: a 900 KB error string or a lone surrogate in it must
+        # neither bloat nor break the record (issue 13, defect 5).
+        error = JobError(code=limits.clean_text(code, 100), message=limits.clean_text(message),
+                         provider_detail=limits.bounded(detail))
+        return await self.transition(job, status, error=error, **changes)
 
     async def cancel(self, job: Job) -> Job:
         """Cancel now; a task already at the provider is told to stop by a worker."""

@@ -10,19 +10,25 @@ Keys: see ``orchestrator.store.keys``; scripts: ``orchestrator/store/scripts/*.l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from orchestrator.domain.ids import time_prefix
 from orchestrator.domain.job import Job
 from orchestrator.domain.webhooks import Delivery
+from orchestrator.infra import metrics
 from orchestrator.store import keys
 from orchestrator.store.scripts import script
 from orchestrator.wire.jobs import JobEvent, JobStatus, utcnow
+
+log = logging.getLogger("atelier.store")
 
 
 class Conflict(Exception):
@@ -150,14 +156,42 @@ class JobStore:
         return created
 
     async def get(self, job_id: str) -> Job | None:
+        """The job, ``None`` if there is none; raises ``UnreadableRecord``."""
         raw = await self.redis.hmget(self.job_key(job_id), ["v", "d"])  # type: ignore[misc]
-        return _job(raw)
+        return _job(job_id, raw)
 
     async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        """The jobs (``None`` for a missing one, and for an unreadable one, which is quarantined)."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hmget(self.job_key(job_id), ["v", "d"])
-        return [_job(raw) for raw in await pipe.execute()]
+        jobs: list[Job | None] = []
+        for job_id, raw in zip(job_ids, await pipe.execute(), strict=True):
+            try:
+                jobs.append(_job(job_id, raw))
+            except UnreadableRecord as exc:
+                await self.quarantine(exc)
+                jobs.append(None)
+        return jobs
+
+    async def quarantine(self, exc: UnreadableRecord) -> None:
+        """Set an unreadable job record aside (``atelier quarantine list`` shows it): out of the sweeper's
+        index and its key renamed, so nothing periodic meets it again."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(self.ACTIVE, exc.job_id)
+        pipe.hset(keys.QUARANTINE, exc.job_id, exc.reason)
+        pipe.renamenx(self.job_key(exc.job_id), keys.quarantined_job(exc.job_id))
+        with contextlib.suppress(ResponseError):  # the record vanished meanwhile (RENAMENX of a missing key)
+            await pipe.execute()
+        metrics.record_quarantined()
+        log.error("job record %s quarantined: %s", exc.job_id, exc.reason,
+                  extra={"job_id": exc.job_id, "event": "record.quarantined"})
+
+    async def quarantined(self) -> dict[str, str]:
+        """Quarantined job ids and why."""
+        raw = await self.redis.hgetall(keys.QUARANTINE)  # type: ignore[misc]
+        return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                for k, v in raw.items()}
 
     async def update(self, old: Job, new: Job, *, event: JobEvent | None = None, active_at: float | None = None,
                      deliveries: Sequence[Delivery] = ()) -> Job:
@@ -315,10 +349,23 @@ class JobStore:
         return [i.decode() if isinstance(i, bytes) else i for i in ids]
 
 
-def _job(raw: list[bytes | str | None]) -> Job | None:
+def _job(job_id: str, raw: list[bytes | str | None]) -> Job | None:
     version, data = raw
     if data is None or version is None:
         return None
-    job = Job.model_validate_json(data)
-    job.version = int(version)
+    try:
+        job = Job.model_validate_json(data)
+        job.version = int(version)
+    except (ValueError, RecursionError) as exc:
+        raise UnreadableRecord(job_id, f"{exc.__class__.__name__}: {str(exc)[:200]}") from exc
     return job
+
+
+class UnreadableRecord(Exception):
+    """A stored job that cannot be read back (written by a bug, or by hand): one record's problem,
+    set aside with ``JobStore.quarantine`` so that periodic work goes on for everyone."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id} cannot be read: {reason}")
+        self.job_id = job_id
+        self.reason = reason

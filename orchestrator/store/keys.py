@@ -41,6 +41,14 @@ def batch_idempotency(tenant: str, key: str) -> str:
 NO_IDEMPOTENCY = f"{P}idem:-"
 
 
+QUARANTINE = f"{P}quarantine"  # hash: job id -> why its record was set aside
+
+
+def quarantined_job(job_id: str) -> str:
+    """Where an unreadable job record is moved (kept for an operator, out of every index's way)."""
+    return f"{P}quarantine:job:{job_id}"
+
+
 def provider_task(provider: str, task_id: str) -> str:
     """The job that owns a provider task (callbacks, reconciliation)."""
     return f"{P}ptask:{provider}:{task_id}"

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
+from orchestrator.wire import limits
+
 MAX_METADATA_BYTES = 4096
 
 
@@ -46,6 +48,9 @@ class Priority(StrEnum):
 
 
 def small_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    found = limits.problem(value)
+    if found is not None:
+        raise ValueError(f"metadata{found[0]} {found[1]}")
     if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes of JSON")
     return value
@@ -74,6 +79,23 @@ class JobInput(BaseModel):
     num_outputs: int | None = Field(None, ge=1, le=8)
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _valid_text(cls, value: str | None) -> str | None:
+        if value is not None and limits.problem(value) is not None:
+            raise ValueError("contains an unpaired surrogate (\\ud800-\\udfff): send valid Unicode")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _bounded_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        found = limits.problem(value)
+        if found is not None:
+            raise ValueError(f"options{found[0]} {found[1]}")
+        if len(json.dumps(value, separators=(",", ":"))) > limits.MAX_OPTIONS_BYTES:
+            raise ValueError(f"options must serialise to at most {limits.MAX_OPTIONS_BYTES} bytes of JSON")
+        return value
+
 
 class SourceRef(BaseModel):
     """The earlier job a follow-up acts on, and which of its outputs (0 = the first)."""
@@ -100,6 +122,13 @@ class JobRequest(BaseModel):
     # with a source takes the source's output as its input image.
     operation: str = Field("generate", pattern=r"^[a-z][a-z0-9_]{0,39}$")
     source: SourceRef | None = None
+
+    @field_validator("provider", "model")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if limits.problem(value) is not None:
+            raise ValueError("contains an unpaired surrogate (\\ud800-\\udfff): send valid Unicode")
+        return value
 
     @field_validator("metadata")
     @classmethod
