@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
+import struct
 
 import pytest
 from standardwebhooks import Webhook
 
 from orchestrator.domain.ids import new_id
 from orchestrator.domain.webhooks import new_secret
-from orchestrator.infra.media import sniff
+from orchestrator.infra.media import identify, is_not_media, sniff
 from orchestrator.infra.settings import Settings
 from orchestrator.wire.signing import sign, verify
 from providers.contract import ProviderSettings
@@ -47,11 +49,52 @@ def test_ids_sort_by_creation_time():
 
 @pytest.mark.parametrize(("ext", "ctype"), [("png", "image/png"), ("wav", "audio/wav"), ("mp3", "audio/mpeg"),
                                            ("mp4", "video/mp4")])
-def test_media_sniffing_on_real_files(ext, ctype):
+def test_media_typing_on_real_files(ext, ctype):
     data, _ = media.make(ext, "seed")
-    info = sniff(data[:65536])
-    assert info is not None and info.content_type == ctype
-    assert sniff(b"<html>error</html>") is None
+    info = identify(io.BytesIO(data))
+    assert info.content_type == ctype and not info.notes
+    assert (info.width, info.height) != (None, None) or info.duration_seconds
+    head = sniff(data[:65536])
+    assert head is not None and head.content_type == ctype
+
+
+def _box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I4s", 8 + len(payload), kind) + payload
+
+
+def _top_boxes(data: bytes) -> dict[bytes, bytes]:
+    boxes, at = {}, 0
+    while at + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[at:at + 8])
+        boxes[kind] = data[at:at + size]
+        at += size
+    return boxes
+
+
+def test_output_typing_reads_the_whole_file_and_never_fails_a_paid_job():
+    mp4, _ = media.make("mp4", "seed")
+    boxes = _top_boxes(mp4)
+    moov_last = b"".join(v for k, v in boxes.items() if k != b"moov") + boxes[b"moov"]  # a 'streaming' MP4
+    late = identify(io.BytesIO(moov_last))
+    early = identify(io.BytesIO(mp4))
+    assert late.content_type == "video/mp4" and late.duration_seconds and late.width
+    assert (late.width, late.height, late.duration_seconds) == (early.width, early.height, early.duration_seconds)
+    avif = _box(b"ftyp", b"avif\x00\x00\x00\x00avifmif1miaf")
+    assert identify(io.BytesIO(avif)).content_type == "image/avif"  # not stored as .mp4
+    heic = _box(b"ftyp", b"heic\x00\x00\x00\x00mif1heic")
+    assert identify(io.BytesIO(heic)).content_type == "image/heic"
+    m4a = _box(b"ftyp", b"M4A \x00\x00\x00\x00M4A isom")
+    assert identify(io.BytesIO(m4a)).content_type == "audio/mp4"
+    bmp = b"BM" + struct.pack("<IHHI", 70, 0, 0, 54) + struct.pack("<IiiHH", 40, 3, 2, 1, 24) + b"\x00" * 40
+    found = identify(io.BytesIO(bmp))
+    assert found.content_type == "image/bmp" and (found.width, found.height) == (3, 2)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + b"\x00" * 64
+    assert identify(io.BytesIO(tiff)).content_type == "image/tiff"
+    unknown = identify(io.BytesIO(b"\x00\x01 opaque render"), "image/x-exotic")
+    assert unknown.content_type == "image/x-exotic" and "type_note" in unknown.notes
+    assert identify(io.BytesIO(b"\x00\x01 opaque")).content_type == "application/octet-stream"
+    assert is_not_media(identify(io.BytesIO(b"<!DOCTYPE html><html><body>error</body></html>"), "text/html"))
+    assert identify(io.BytesIO(b"1. a prompt"), "text/plain").content_type == "text/plain"
 
 
 def test_replicate_output_shapes_and_progress():

@@ -19,6 +19,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from orchestrator.domain.job import Job, Output
+from orchestrator.infra.media import identify, is_not_media
 from orchestrator.infra.storage import OutputTooLarge, spool
 from orchestrator.services.runtime import Runtime
 from orchestrator.store import keypool
@@ -30,6 +31,7 @@ from workers.context import call_context, fail_current, load_job, log, log_extra
 S = JobStatus
 MAX_COLLECT_ATTEMPTS = 5
 MAX_REDIRECTS = 5
+INLINE_IDENTIFY_BYTES = 1024 * 1024
 DOWNLOAD_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 
@@ -140,8 +142,10 @@ async def _keep_active(rt: Runtime, job_id: str) -> AsyncIterator[None]:
 async def _store_output(rt: Runtime, provider: Provider, call: CallContext, job: Job, index: int,
                         ref: ProviderOutput) -> Output:
     max_bytes = rt.settings.max_output_bytes
+    declared = ref.content_type
     try:
         if ref.url.startswith("data:"):
+            declared = declared or ref.url[5:].split(";", 1)[0].split(",", 1)[0]
             spooled = await spool(_data_url_chunks(ref.url), max_bytes)
         else:
             headers = provider.download_headers(call, ref.url)
@@ -155,6 +159,7 @@ async def _store_output(rt: Runtime, provider: Provider, call: CallContext, job:
                     raise OutputUnavailable("output_download_failed",
                                             f"output {index}: provider answered HTTP {response.status_code}",
                                             transient=True)
+                declared = declared or response.headers.get("content-type")
                 spooled = await spool(response.aiter_bytes(256 * 1024), max_bytes)
     except OutputTooLarge as exc:
         raise OutputUnavailable("output_too_large", f"output {index}: {exc}", transient=False) from exc
@@ -163,19 +168,26 @@ async def _store_output(rt: Runtime, provider: Provider, call: CallContext, job:
                                 f"output {index}: download failed ({exc.__class__.__name__})",
                                 transient=True) from exc
     with spooled.file:
-        media = spooled.media
-        if media is None:
-            raise OutputUnavailable("output_invalid",
-                                    f"output {index} is not an image, video or audio file", transient=False)
+        if spooled.size > INLINE_IDENTIFY_BYTES:  # it reads through the file: off the event loop
+            media = await asyncio.to_thread(identify, spooled.file, declared)
+        else:
+            media = identify(spooled.file, declared)
+        if is_not_media(media):
+            raise OutputUnavailable("output_invalid", f"output {index}: the provider served a web page or an "
+                                    f"error body ({media.content_type}) instead of the file", transient=False)
         key = f"{job.tenant}/{job.id}/{index}.{media.extension}"
         await rt.storage.put(key, spooled, media.content_type)
     return Output(index=index, key=key, content_type=media.content_type, bytes=spooled.size,
                   sha256=spooled.sha256, width=media.width, height=media.height,
-                  duration_seconds=media.duration_seconds, metadata=ref.metadata)
+                  duration_seconds=media.duration_seconds, metadata={**ref.metadata, **media.notes})
 
 
 async def _data_url_chunks(url: str) -> AsyncIterator[bytes]:
     header, _, payload = url.partition(",")
     if not header.endswith(";base64"):
         raise OutputUnavailable("output_invalid", "data: outputs must be base64", transient=False)
-    yield base64.b64decode(payload)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except ValueError as exc:  # binascii.Error
+        raise OutputUnavailable("output_invalid", "a data: output is not valid base64", transient=False) from exc
+    yield data

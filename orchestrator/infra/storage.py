@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, urlsplit
 
-from orchestrator.infra.media import MediaInfo, sniff
-
 SPOOL_MEMORY = 8 * 1024 * 1024
 HEAD_BYTES = 64 * 1024
 # LocalStorage writes outputs smaller than this from the event loop, others from a thread (0: always a thread).
@@ -41,10 +39,6 @@ class Spooled:
     size: int
     sha256: str
     head: bytes
-
-    @property
-    def media(self) -> MediaInfo | None:
-        return sniff(self.head)
 
 
 async def spool(chunks: AsyncIterator[bytes], max_bytes: int) -> Spooled:
