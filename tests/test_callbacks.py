@@ -63,3 +63,40 @@ async def test_forged_and_replayed_callbacks_are_rejected_and_change_nothing(red
         await asyncio.sleep(0.5)
         after = (await client.get(f"/v1/jobs/{job['id']}")).json()
         assert after["status"] in ("submitted", "running") and after["outputs"] == []
+
+
+async def test_a_signed_callback_is_taken_once_inside_the_tolerance_window(redis_url):
+    """Issue 13, defect 6: one signed Replicate request was accepted 5 times; a Kling token callback too."""
+    async with dev_stack(redis_url=redis_url, poll_min_seconds=30, poll_max_seconds=60,
+                         log_format="text") as stack, api(stack) as client:
+        job = await wait_for(client, (await submit(client, input={"prompt": "slow [sim:run=20]"}))["id"],
+                             {"submitted", "running"})
+        secret = stack.simulators["replicate"].webhook_secret  # type: ignore[attr-defined]
+        body = json.dumps({"id": job["provider_task_id"], "status": "processing"}).encode()
+        now = int(time.time())
+        signed = {"webhook-id": "msg_once", "webhook-timestamp": str(now),
+                  "webhook-signature": sign(secret, "msg_once", now, body)}
+        kling = await wait_for(client, (await submit(client, provider="kling", kind="video", model="kling-v1",
+                                                     input={"prompt": "slow [sim:run=20]"}))["id"],
+                               {"submitted", "running"})
+        raw_kling = await stack_job_token(stack, kling["id"])
+        kling_body = json.dumps({"task_id": kling["provider_task_id"], "task_status": "processing"}).encode()
+        async with httpx.AsyncClient(base_url=stack.api_url) as raw:
+            outcomes = [(await raw.post("/v1/callbacks/replicate", content=body, headers=signed)).json()["status"]
+                        for _ in range(5)]
+            kling_url = f"/v1/callbacks/kling?job={kling['id']}&token={raw_kling}"
+            kling_outcomes = [(await raw.post(kling_url, content=kling_body)).json()["status"] for _ in range(3)]
+    assert outcomes[0] == "accepted" and outcomes[1:] == ["ignored: already received"] * 4
+    assert kling_outcomes[0] == "accepted" and kling_outcomes[1:] == ["ignored: already received"] * 2
+
+
+async def stack_job_token(stack, job_id: str) -> str:  # noqa: ANN001 - the per-job token from the store
+    from orchestrator.services.runtime import Runtime
+
+    rt = await Runtime.open(stack.settings)
+    try:
+        job = await rt.store.get(job_id)
+        assert job is not None
+        return job.callback_token
+    finally:
+        await rt.close()

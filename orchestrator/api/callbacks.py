@@ -10,6 +10,7 @@ late callbacks, and callbacks for unknown or finished jobs are acknowledged and 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import time
@@ -28,6 +29,17 @@ from providers.errors import CallbackRejected
 
 router = APIRouter(tags=["callbacks"])
 log = logging.getLogger("atelier.callbacks")
+
+
+# A signed callback is refused outside its 5-minute tolerance; inside it, one id is taken once.
+REPLAY_WINDOW_SECONDS = 600
+
+
+def _callback_id(request: Request, token: str, body: bytes) -> str:
+    """Standard Webhooks' ``webhook-id`` where the provider sends one, else the token and the body."""
+    webhook_id = request.headers.get("webhook-id")
+    material = f"id:{webhook_id}".encode() if webhook_id else token.encode() + b"\n" + body
+    return hashlib.sha256(material).hexdigest()[:32]
 
 
 def _ack(outcome: str) -> JSONResponse:
@@ -67,6 +79,8 @@ async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> 
         return problem_response(401, "Callback not verified", "missing or wrong callback token")
     if hint.reply is not None:
         return JSONResponse(hint.reply)  # a handshake (e.g. MiniMax's challenge), answered at once
+    if not await rt.store.first_callback(provider, _callback_id(request, token, body), REPLAY_WINDOW_SECONDS):
+        return _ack("ignored: already received")  # a replayed (or re-sent) callback changes nothing
     if job is None or job.provider != provider:
         return _ack("ignored: unknown job")
     if hint.task_id and job.provider_task_id and hint.task_id != job.provider_task_id:

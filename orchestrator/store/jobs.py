@@ -286,6 +286,10 @@ class JobStore:
         owner = await self.redis.get(key)
         return (owner.decode() if isinstance(owner, bytes) else owner) == job_id
 
+    async def first_callback(self, provider: str, digest: str, window_seconds: int) -> bool:
+        """``True`` the first time a callback with this id is taken inside the window (replays: ``False``)."""
+        return bool(await self.redis.set(keys.callback_seen(provider, digest), "1", nx=True, ex=window_seconds))
+
     async def job_for_task(self, provider: str, task_id: str) -> str | None:
         owner = await self.redis.get(keys.provider_task(provider, task_id))
         return owner.decode() if isinstance(owner, bytes) else owner

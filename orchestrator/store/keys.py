@@ -54,6 +54,11 @@ def provider_task(provider: str, task_id: str) -> str:
     return f"{P}ptask:{provider}:{task_id}"
 
 
+def callback_seen(provider: str, digest: str) -> str:
+    """A verified callback already taken (expires after the replay window)."""
+    return f"{P}cb:{provider}:{digest}"
+
+
 # -- batches ------------------------------------------------------------------------------------
 def batch(batch_id: str) -> str:
     """Hash: the batch record and its counters (``c:{status}``, ``total``, ``done``, ``seq``...);
