@@ -66,6 +66,7 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         redelivered += 1
     redelivered += await rt.batches.events.sweep(now - grace)
     rescued += await _repair_slots(rt)
+    await rt.reaper.reap(now)
     metrics.swept(rescued, redelivered)
     if rescued or redelivered:
         log.info("sweep re-scheduled %d jobs and %d webhook deliveries", rescued, redelivered,

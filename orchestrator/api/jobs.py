@@ -136,6 +136,18 @@ async def cancel_job(job_id: str, rt: RuntimeDep, tenant: TenantDep) -> JobView:
     raise Problem(409, "Job is changing", "the job changed repeatedly; retry the cancel")
 
 
+@router.delete("/{job_id}", status_code=204, response_class=Response,
+               responses={409: {"description": "The job has not finished: cancel it first"}})
+async def delete_job(job_id: str, rt: RuntimeDep, tenant: TenantDep) -> Response:
+    """Delete a finished job and its stored outputs now (otherwise they go after the retention period)."""
+    job = await owned_job(rt, tenant, job_id)
+    if job.status not in TERMINAL:
+        raise Problem(409, "Job not finished", f"job {job_id} is {job.status.value}: cancel it first, then delete it",
+                      status_code=job.status.value)
+    await rt.reaper.delete(job.id, job)
+    return Response(status_code=204)
+
+
 @router.get("/{job_id}/events", response_model=list[JobEvent])
 async def job_events(job_id: str, rt: RuntimeDep, tenant: TenantDep,
                      after: Annotated[int, Query(ge=0)] = 0) -> list[JobEvent]:

@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", required=True)
     p.set_defaults(run=cmd_keys_create)
 
+    tenants_parser = sub.add_parser("tenants", help="per-tenant settings an operator sets")
+    tenants_parser.set_defaults(run=lambda _args: _usage(tenants_parser))
+    tenants = tenants_parser.add_subparsers(dest="tenants_command", metavar="ACTION")
+    p = tenants.add_parser("retention", help="how long the tenant's finished jobs and outputs are kept")
+    p.add_argument("--tenant", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--seconds", type=int, help="keep finished jobs this long (then they are deleted)")
+    group.add_argument("--clear", action="store_true", help="back to ATELIER_RETENTION_SECONDS")
+    p.set_defaults(run=cmd_tenant_retention)
+
     quarantine_parser = sub.add_parser("quarantine", help="stored records set aside because they cannot be read")
     quarantine_parser.set_defaults(run=lambda _args: _usage(quarantine_parser))
     quarantine = quarantine_parser.add_subparsers(dest="quarantine_command", metavar="ACTION")
@@ -249,6 +259,32 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         raise CliError(f"cannot reach Redis at {logs.redact_url(settings.redis_url)}: {exc}") from exc
     print(key)
     print(f"(API key for tenant {args.tenant!r}; it is shown only this once)", file=sys.stderr)
+    return 0
+
+
+def cmd_tenant_retention(args: argparse.Namespace) -> int:
+    from orchestrator.store.queue import connect
+    from orchestrator.store.tenants import TENANT_RE, set_tenant_retention
+
+    if not TENANT_RE.match(args.tenant):
+        raise CliError("tenant names are 1-63 letters, digits, '.', '_' or '-'")
+    if args.seconds is not None and args.seconds <= 0:
+        raise CliError("--seconds must be a positive number of seconds (or use --clear)")
+    settings = _settings()
+
+    async def run() -> None:
+        redis = await connect(settings.redis_url, settings.queue_name)
+        try:
+            await set_tenant_retention(redis, args.tenant, None if args.clear else args.seconds)
+        finally:
+            await redis.aclose()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        raise CliError(f"cannot reach Redis at {logs.redact_url(settings.redis_url)}: {exc}") from exc
+    kept = f"{settings.retention_seconds} s (ATELIER_RETENTION_SECONDS)" if args.clear else f"{args.seconds} s"
+    print(f"tenant {args.tenant}: finished jobs are kept {kept}; jobs finishing from now on use it")
     return 0
 
 

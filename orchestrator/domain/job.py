@@ -125,6 +125,8 @@ class Job(BaseModel):
     updated_at: datetime = Field(default_factory=utcnow)
     timestamps: dict[str, datetime] = Field(default_factory=dict)
     deadline_at: datetime | None = None
+    # When a finished job's records and outputs are reaped (set when it finishes).
+    expires_at: datetime | None = None
     version: int = 0
 
 

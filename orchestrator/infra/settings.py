@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     max_output_bytes: int = 2 * 1024**3
     max_request_bytes: int = 1024 * 1024
     idempotency_ttl_seconds: int = 7 * 24 * 3600
+    # A finished job's records (job, events, indexes, task mapping, deliveries) and stored outputs are
+    # reaped this long after it finished; finished batches likewise. Per tenant: `atelier tenants retention`.
+    retention_seconds: int = Field(30 * 24 * 3600, gt=0)
     max_batch_request_bytes: int = 32 * 1024 * 1024
     batch_progress_interval_seconds: float = 10.0
 

@@ -75,6 +75,10 @@ class Storage:
     async def read(self, key: str) -> bytes:
         raise NotImplementedError
 
+    async def delete(self, key: str) -> None:
+        """Remove a stored output (retention, DELETE /v1/jobs/{id}); a missing one is fine."""
+        raise NotImplementedError
+
     async def check(self) -> None:
         """Raise if the storage cannot be written (used by ``/readyz`` and start-up)."""
 
@@ -137,6 +141,9 @@ class LocalStorage(Storage):
     async def read(self, key: str) -> bytes:
         return await asyncio.to_thread(self.path(key).read_bytes)
 
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self.path(key).unlink, missing_ok=True)
+
     async def check(self) -> None:
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
 
@@ -173,6 +180,9 @@ class S3Storage(Storage):
     async def read(self, key: str) -> bytes:
         obj = await asyncio.to_thread(self.client.get_object, Bucket=self.bucket, Key=self.object_key(key))
         return bytes(await asyncio.to_thread(obj["Body"].read))
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self.client.delete_object, Bucket=self.bucket, Key=self.object_key(key))
 
     async def check(self) -> None:
         await asyncio.to_thread(self.client.head_bucket, Bucket=self.bucket)

@@ -30,6 +30,7 @@ from orchestrator.store.batches import BatchStore, finished_at
 from orchestrator.store.endpoints import Endpoints
 from orchestrator.store.jobs import Conflict, JobStore, ms
 from orchestrator.store.queue import Queue
+from orchestrator.store.tenants import tenant_retention
 from orchestrator.wire.batches import BatchItemRef, BatchRequest, BatchView
 from orchestrator.wire.jobs import JobRequest, JobStatus, utcnow
 from providers.contract import ProviderSettings
@@ -53,6 +54,7 @@ class BatchEvents:
     endpoints: Endpoints
     queue: Queue
     progress_interval_seconds: float = 10.0
+    retention_seconds: int = 30 * 24 * 3600
 
     async def record(self, batch_id: str) -> BatchRecord | None:
         return await self.batch_store.get(batch_id)
@@ -92,6 +94,8 @@ class BatchEvents:
         record = await self.record(batch_id)
         if record is not None:
             await self._deliver(record, "batch.completed", f"msg_{batch_id}_completed")
+            keep = await tenant_retention(self.store.redis, record.tenant) or self.retention_seconds
+            await self.batch_store.expire_at(batch_id, time.time() + keep)
         await self.batch_store.completion_recorded(batch_id)
 
     async def _deliver(self, record: BatchRecord, event_type: str, delivery_id: str) -> None:

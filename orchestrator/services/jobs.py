@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator.domain.deadlines import deadline_for
@@ -27,6 +28,7 @@ from orchestrator.services.views import JobViews
 from orchestrator.store.endpoints import Endpoints
 from orchestrator.store.jobs import REMOVE, EndpointsChanged, JobStore
 from orchestrator.store.queue import Queue
+from orchestrator.store.tenants import tenant_retention
 from orchestrator.wire import limits
 from orchestrator.wire.jobs import TERMINAL, JobError, JobEvent, JobRequest, JobStatus, JobView, utcnow
 from providers.contract import ProviderSettings
@@ -65,6 +67,7 @@ class Jobs:
     # tenant -> (fingerprint, endpoints): what ``transition`` fans events out to, re-read when the
     # store says they changed.
     _known_endpoints: dict[str, tuple[str, list[Endpoint]]] = field(default_factory=dict)
+    _retention: dict[str, tuple[int, float]] = field(default_factory=dict)  # tenant -> (seconds, fresh until)
 
     async def _endpoints(self, tenant: str, *, refresh: bool = False) -> tuple[str, list[Endpoint]]:
         """The tenant's webhook endpoints and their fingerprint (``store.endpoints_fingerprint``)."""
@@ -75,6 +78,19 @@ class Jobs:
                 self._known_endpoints.clear()
             self._known_endpoints[tenant] = known
         return known
+
+    async def retention_seconds(self, tenant: str) -> int:
+        """How long the tenant's finished jobs are kept: its own setting, else ``ATELIER_RETENTION_SECONDS``
+        (read at most once a minute per tenant and process)."""
+        cached = self._retention.get(tenant)
+        now = time.monotonic()
+        if cached is None or cached[1] < now:
+            if len(self._retention) >= MAX_KNOWN_TENANTS:
+                self._retention.clear()
+            own = await tenant_retention(self.store.redis, tenant)
+            cached = (own or self.settings.retention_seconds, now + 60)
+            self._retention[tenant] = cached
+        return cached[0]
 
     async def view(self, job: Job, url_ttl: int | None = None) -> JobView:
         return await self.views.job(job, url_ttl)
@@ -116,11 +132,15 @@ class Jobs:
         new = derive(job, {**changes, "status": status})
         if status != job.status:
             new.timestamps = {**job.timestamps, status.value: now}
+        expires_at = None
         if status in TERMINAL:
             active_at = REMOVE
             if status == S.succeeded:
                 new.progress = 100
             new.phase = None
+            if not job.status.terminal:
+                expires_at = time.time() + await self.retention_seconds(job.tenant)
+                new.expires_at = datetime.fromtimestamp(expires_at, UTC)
         event = None
         if status != job.status:
             event = JobEvent(sequence=0, type=f"job.{status.value}", status=status, at=now,
@@ -146,7 +166,8 @@ class Jobs:
                                                 endpoint_id=e.id) for e in endpoints]
             try:
                 saved, finished_batch = await self.store.apply(job, new, event=event, active_at=active_at,
-                                                               deliveries=deliveries, endpoints=fingerprint)
+                                                               deliveries=deliveries, endpoints=fingerprint,
+                                                               expires_at=expires_at)
                 break
             except EndpointsChanged:
                 continue

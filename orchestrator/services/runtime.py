@@ -17,6 +17,7 @@ from orchestrator.infra.settings import Settings
 from orchestrator.infra.storage import Storage, open_storage
 from orchestrator.services.batches import Batches, BatchEvents
 from orchestrator.services.jobs import Jobs
+from orchestrator.services.retention import Reaper
 from orchestrator.services.slots import Slots
 from orchestrator.services.views import JobViews
 from orchestrator.store.batches import BatchStore
@@ -48,6 +49,7 @@ class Runtime:
     provider_http: dict[str, httpx.AsyncClient]  # API calls: one small pool per provider
     throttle: Throttle
     polls: PollBoard
+    reaper: Reaper
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
@@ -77,15 +79,16 @@ class Runtime:
         polls = PollBoard(redis, store.ACTIVE)
         endpoints = Endpoints(store)
         slots = Slots(store, queue, throttle, polls)
-        events = BatchEvents(store, BatchStore(redis, settings.idempotency_ttl_seconds), endpoints, queue,
-                             settings.batch_progress_interval_seconds)
+        batch_store = BatchStore(redis, settings.idempotency_ttl_seconds)
+        events = BatchEvents(store, batch_store, endpoints, queue, settings.batch_progress_interval_seconds,
+                             settings.retention_seconds)
         jobs = Jobs(settings, store, queue, JobViews(storage, settings.output_url_ttl_seconds), endpoints,
                     finish_hooks=(slots.job_finished, events.on_job_finished))
         return cls(settings=settings, redis=redis, store=store, queue=queue, storage=storage,
                    registry=registry, jobs=jobs, batches=Batches(jobs, events), endpoints=endpoints, slots=slots,
                    http=client(200), provider_http={name: client(100) for name in registry.providers},
                    media_http=webhook_client(settings.http_timeout_seconds, settings.allow_private_fetches),
-                   throttle=throttle, polls=polls)
+                   throttle=throttle, polls=polls, reaper=Reaper(store, batch_store, storage))
 
     def http_for(self, provider: str) -> httpx.AsyncClient:
         """The client for ``provider``'s API."""

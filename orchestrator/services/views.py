@@ -7,6 +7,7 @@ API's file route), never stored: the state machine knows nothing of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from orchestrator.domain.job import Job
 from orchestrator.infra.storage import Storage
@@ -20,8 +21,12 @@ class JobViews:
 
     async def job(self, job: Job, url_ttl: int | None = None) -> JobView:
         ttl = url_ttl or self.url_ttl_seconds
+        url_expiry = datetime.now(UTC) + timedelta(seconds=ttl)
+        if job.expires_at is not None and job.expires_at < url_expiry:
+            url_expiry = job.expires_at  # the file itself goes first
         outputs = [
-            OutputView(index=o.index, url=await self.storage.url(o.key, ttl), content_type=o.content_type,
+            OutputView(index=o.index, url=await self.storage.url(o.key, ttl), url_expires_at=url_expiry,
+                       content_type=o.content_type,
                        bytes=o.bytes, sha256=o.sha256, width=o.width, height=o.height,
                        duration_seconds=o.duration_seconds, metadata=o.metadata)
             for o in job.outputs
@@ -33,5 +38,5 @@ class JobViews:
             provider_status=job.provider_status, note=job.note, attempts=job.attempts, metadata=job.metadata,
             webhook_url=job.webhook_url, batch_id=job.batch_id, ref=job.ref, created_at=job.created_at,
             updated_at=job.updated_at, timestamps=job.timestamps, deadline_at=job.deadline_at,
-            sequence=job.version, operation=job.operation, source=job.source,
+            sequence=job.version, operation=job.operation, source=job.source, expires_at=job.expires_at,
         )

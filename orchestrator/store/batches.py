@@ -81,6 +81,23 @@ class BatchStore:
             return True
         return False
 
+    async def expire_at(self, batch_id: str, at: float) -> None:
+        """Reap the finished batch's records at ``at`` (its jobs are reaped on their own schedule)."""
+        await self.redis.zadd(keys.RETENTION, {f"batch:{batch_id}": ms(at)})
+
+    async def delete(self, batch_id: str) -> None:
+        """Remove a batch's record, counters, indexes and event log."""
+        record = await self.get(batch_id)
+        pipe = self.redis.pipeline(transaction=True)
+        base = keys.batch(batch_id)
+        pipe.delete(base, f"{base}:jobs", f"{base}:ev", keys.batch_progress_lock(batch_id),
+                    *(f"{base}:st:{status.value}" for status in JobStatus))
+        pipe.zrem(keys.RETENTION, f"batch:{batch_id}")
+        pipe.zrem(keys.BATCHES_FINISHED, batch_id)
+        if record is not None:
+            pipe.zrem(keys.tenant_batches(record.tenant), batch_id)
+        await pipe.execute()
+
     async def completion_recorded(self, batch_id: str) -> None:
         await self.redis.zrem(keys.BATCHES_FINISHED, batch_id)
 

@@ -204,12 +204,14 @@ class JobStore:
         return saved
 
     async def apply(self, old: Job, new: Job, *, event: JobEvent | None = None, active_at: float | None = None,
-                    deliveries: Sequence[Delivery] = (), endpoints: str | None = None) -> tuple[Job, bool]:
+                    deliveries: Sequence[Delivery] = (), endpoints: str | None = None,
+                    expires_at: float | None = None) -> tuple[Job, bool]:
         """``update``, also saying whether this change finished the job's batch (exactly once per batch).
 
         ``endpoints``: the fingerprint (``endpoints_fingerprint``) of the tenant's webhook endpoints
         that ``deliveries`` were made for; if they changed since, nothing is written and
-        ``EndpointsChanged`` is raised (the caller makes the deliveries again).
+        ``EndpointsChanged`` is raised (the caller makes the deliveries again). ``expires_at``: when a
+        finishing job's records (and outputs) are reaped (``reap``), scheduled in the same step.
         """
         new.version = old.version + 1
         new.updated_at = utcnow()
@@ -220,11 +222,11 @@ class JobStore:
         script_keys = [self.job_key(old.id), self.events_key(old.id), self.tenant_key(old.tenant, old.status),
                 self.tenant_key(old.tenant, new.status), self.ACTIVE, self.DELIVERIES_DUE,
                 self.batch_key(old.batch_id) if old.batch_id else keys.NONE,
-                self.endpoints_key(old.tenant) if endpoints is not None else keys.NONE]
+                self.endpoints_key(old.tenant) if endpoints is not None else keys.NONE, keys.RETENTION]
         args: list[str | int] = [old.version, job_json(new), new.status.value, old.id,
                                  event_json(event) if event else "", active, ms(), keys.DELIVERY_PREFIX,
                                  old.status.value, old.batch_id or "", "1" if finishing else "0",
-                                 endpoints or ""]
+                                 endpoints or "", str(ms(expires_at)) if finishing and expires_at else ""]
         for d in deliveries:
             script_keys.append(self.delivery_key(d.id))
             args.append(d.model_dump_json())
@@ -285,6 +287,42 @@ class JobStore:
             return True
         owner = await self.redis.get(key)
         return (owner.decode() if isinstance(owner, bytes) else owner) == job_id
+
+    # -- retention ---------------------------------------------------------------------
+    async def retention_due(self, now: float, limit: int = 200) -> list[str]:
+        """Members of the retention schedule whose time came: job ids, and ``batch:{id}``."""
+        raw = await self.redis.zrangebyscore(keys.RETENTION, "-inf", ms(now), start=0, num=limit)
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+
+    async def schedule_expiry(self, member: str, at: float) -> None:
+        await self.redis.zadd(keys.RETENTION, {member: ms(at)})
+
+    async def delete_job(self, job_id: str, job: Job | None) -> None:
+        """Remove every record of a finished job: the job, its events, its deliveries and their index
+        entries, its task mapping, its place in the tenant's and batch's indexes and in the schedules."""
+        delivery_ids = [d.decode() if isinstance(d, bytes) else str(d)
+                        for d in await self.redis.smembers(keys.job_deliveries(job_id))]  # type: ignore[misc]
+        raws = await self.redis.mget([self.delivery_key(d) for d in delivery_ids]) if delivery_ids else []
+        pipe = self.redis.pipeline(transaction=True)
+        for delivery_id, raw in zip(delivery_ids, raws, strict=True):
+            pipe.delete(self.delivery_key(delivery_id))
+            pipe.zrem(self.DELIVERIES_DUE, delivery_id)
+            endpoint_id = Delivery.model_validate_json(raw).endpoint_id if raw else None
+            if endpoint_id:
+                for status in (None, "pending", "delivered", "dead"):
+                    pipe.zrem(self.endpoint_deliveries_key(endpoint_id, status), delivery_id)
+        pipe.delete(self.job_key(job_id), self.events_key(job_id), keys.job_deliveries(job_id))
+        pipe.zrem(self.ACTIVE, job_id)
+        pipe.zrem(keys.RETENTION, job_id)
+        if job is not None:
+            if job.provider_task_id:
+                pipe.delete(keys.provider_task(job.provider, job.provider_task_id))
+            pipe.zrem(self.tenant_key(job.tenant), job_id)
+            pipe.zrem(self.tenant_key(job.tenant, job.status), job_id)
+            if job.batch_id:
+                pipe.zrem(self.batch_key(job.batch_id) + ":jobs", job_id)
+                pipe.zrem(self.batch_key(job.batch_id) + f":st:{job.status.value}", job_id)
+        await pipe.execute()
 
     async def first_callback(self, provider: str, digest: str, window_seconds: int) -> bool:
         """``True`` the first time a callback with this id is taken inside the window (replays: ``False``)."""

@@ -59,6 +59,15 @@ def callback_seen(provider: str, digest: str) -> str:
     return f"{P}cb:{provider}:{digest}"
 
 
+# When finished jobs' (and batches') records and outputs are reaped: member "{job id}" or "batch:{id}", ms.
+RETENTION = f"{P}retention"
+
+
+def job_deliveries(job_id: str) -> str:
+    """Set of the delivery ids a job's transitions created (reaped with the job)."""
+    return f"{P}job:{job_id}:dl"
+
+
 # -- batches ------------------------------------------------------------------------------------
 def batch(batch_id: str) -> str:
     """Hash: the batch record and its counters (``c:{status}``, ``total``, ``done``, ``seq``...);
@@ -113,6 +122,11 @@ def tenant_api_keys(tenant: str) -> str:
 
 def tenant_webhook_secret(tenant: str) -> str:
     return f"{P}tenant:{tenant}:whsec"
+
+
+def tenant_settings(tenant: str) -> str:
+    """Hash: a tenant's operator-set settings (``retention_seconds``)."""
+    return f"{P}tenant:{tenant}:settings"
 
 
 def shared_secret(name: str) -> str:

@@ -48,6 +48,20 @@ async def webhook_secret(redis: Redis, tenant: str) -> str:
     return secret.decode() if isinstance(secret, bytes) else str(secret)
 
 
+async def tenant_retention(redis: Redis, tenant: str) -> int | None:
+    """The tenant's own retention (seconds), if an operator set one."""
+    raw = await redis.hget(keys.tenant_settings(tenant), "retention_seconds")  # type: ignore[misc]
+    return int(raw) if raw else None
+
+
+async def set_tenant_retention(redis: Redis, tenant: str, seconds: int | None) -> None:
+    """Set (or, with ``None``, clear) the tenant's retention; new finishes use it within a minute."""
+    if seconds is None:
+        await redis.hdel(keys.tenant_settings(tenant), "retention_seconds")  # type: ignore[misc]
+    else:
+        await redis.hset(keys.tenant_settings(tenant), "retention_seconds", str(int(seconds)))  # type: ignore[misc]
+
+
 async def shared_secret(redis: Redis, name: str) -> str:
     """A deployment-wide random secret kept in Redis (e.g. for local file URLs)."""
     key = keys.shared_secret(name)

@@ -148,6 +148,7 @@ Phase = Literal["throttled", "waiting", "collecting", "canceling"]
 class OutputView(BaseModel):
     index: int
     url: str
+    url_expires_at: datetime | None = None  # the URL stops working then; read the job again for a fresh one
     content_type: str
     bytes: int
     sha256: str
@@ -188,6 +189,7 @@ class JobView(BaseModel):
     timestamps: dict[str, datetime]
     deadline_at: datetime | None
     sequence: int
+    expires_at: datetime | None = None  # when the finished job and its stored outputs are deleted
 
 
 class JobEvent(BaseModel):

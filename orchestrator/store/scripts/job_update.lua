@@ -2,12 +2,14 @@
 -- the event log entry, the tenant status indexes, the sweeper's index, the webhook deliveries the
 -- change causes (and their endpoint indexes) and the batch counters.
 -- KEYS: 1 job, 2 job events, 3 tenant old-status set, 4 tenant new-status set, 5 active, 6 webhook due,
---       7 batch hash (or a dummy), 8 the tenant's webhook endpoints hash (or a dummy), 9.. webhook deliveries
+--       7 batch hash (or a dummy), 8 the tenant's webhook endpoints hash (or a dummy), 9 the retention
+--       schedule, 10.. webhook deliveries (each also indexed in the job's '{job}:dl' set)
 -- ARGV: 1 expected version, 2 job JSON, 3 new status, 4 job id, 5 event JSON or '', 6 active ('' keep,
 --       '-' remove, else score), 7 now ms, 8 delivery key prefix, 9 old status, 10 batch id or '',
 --       11 '1' if the new status is terminal and the old one was not, 12 the fingerprint of the
 --       endpoints the deliveries were made for ('' when not checked; see ``endpoints_fingerprint``),
---       13.. delivery JSON, then one endpoint delivery index key (or '') per delivery, in the same order
+--       13 when a finishing job's records expire (ms, '' when not finishing),
+--       14.. delivery JSON, then one endpoint delivery index key (or '') per delivery, in the same order
 -- Returns {new version, 1 if this finished the batch}, or {-1, 0} (no such job), {0, 0} (version
 -- changed), {-2, 0} (the endpoints changed: nothing was written).
 local v = redis.call('HGET', KEYS[1], 'v')
@@ -38,10 +40,14 @@ if ARGV[6] == '-' then
 elseif ARGV[6] ~= '' then
   redis.call('ZADD', KEYS[5], ARGV[6], ARGV[4])
 end
-local n = #KEYS - 8
-for i = 9, #KEYS do
+if ARGV[11] == '1' and ARGV[13] ~= '' then
+  redis.call('ZADD', KEYS[9], ARGV[13], ARGV[4])
+end
+local n = #KEYS - 9
+for i = 10, #KEYS do
   local id = string.sub(KEYS[i], string.len(ARGV[8]) + 1)
   redis.call('SET', KEYS[i], ARGV[i + 4])
+  redis.call('SADD', KEYS[1] .. ':dl', id)
   redis.call('ZADD', KEYS[6], ARGV[7], id)
   local idx = ARGV[i + 4 + n]
   if idx and idx ~= '' then
