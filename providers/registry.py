@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from providers.contract import Provider, ProviderSettings
 from providers.fal import FalProvider
+from providers.gemini import GeminiProvider
 from providers.kling import KlingProvider
+from providers.luma import LumaProvider
+from providers.midjourney import MidjourneyProvider
+from providers.minimax import MinimaxProvider
+from providers.newapi import NewApiProvider
+from providers.openai import OpenAIProvider
 from providers.replicate import ReplicateProvider
 from providers.runway import RunwayProvider
 from providers.sora import SoraProvider
@@ -13,7 +19,13 @@ from providers.veo import VeoProvider
 
 ADAPTERS: dict[str, type[Provider]] = {
     "fal": FalProvider,
+    "gemini": GeminiProvider,
     "kling": KlingProvider,
+    "luma": LumaProvider,
+    "midjourney": MidjourneyProvider,
+    "minimax": MinimaxProvider,
+    "newapi": NewApiProvider,
+    "openai": OpenAIProvider,
     "replicate": ReplicateProvider,
     "runway": RunwayProvider,
     "sora": SoraProvider,

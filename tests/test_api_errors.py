@@ -23,7 +23,7 @@ def _count_state(url: str) -> tuple[int, int]:
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        (GOOD | {"provider": "midjourney"}, "provider"),
+        (GOOD | {"provider": "dalle"}, "provider"),
         (GOOD | {"model": "not a model!"}, "model"),
         (GOOD | {"kind": "hologram"}, "kind"),
         (GOOD | {"input": {"prompt": "x", "duration_seconds": -3}}, "input.duration_seconds"),

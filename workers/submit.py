@@ -70,7 +70,7 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
             reason = job.reconcile.reason if job.reconcile else ""
             await _resolve_unknown(rt, provider, job, OutcomeUnknown(reason))
         case SubmitEntry.INTERRUPTED:
-            wait = interrupted_wait(job, provider.settings.timeout_seconds)
+            wait = interrupted_wait(job, provider.settings.request_timeout(job.model))
             if wait > 0:
                 await submit_again(rt, job, Reentry.CHECK, wait)
             else:
@@ -112,7 +112,7 @@ async def _submit(rt: Runtime, provider: Provider, job: Job) -> None:
     try:
         job = await rt.jobs.transition(
             job, S.submitting, attempts=job.attempts + 1, key_id=kid, phase=None, submit_started_at=started,
-            active_at=started + provider.settings.timeout_seconds + rt.settings.sweep_grace_seconds,
+            active_at=started + provider.settings.request_timeout(job.model) + rt.settings.sweep_grace_seconds,
         )
     except Conflict:
         return  # someone else is submitting it

@@ -40,6 +40,17 @@ DEMO_JOBS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("suno", "audio", "chirp-v4", {"prompt": "an upbeat song about orchestration"}),
     ("fal", "image", "fal-ai/flux/dev", {"prompt": "a red fox in snow"}),
     ("fal", "video", "fal-ai/kling-video/v2/master/text-to-video", {"prompt": "a fox running", "duration_seconds": 5}),
+    ("openai", "image", "gpt-image-1.5", {"prompt": "a watercolor lighthouse at dawn, no text", "aspect_ratio": "3:2",
+                                           "options": {"quality": "medium", "output_format": "png"}}),
+    ("gemini", "image", "gemini-2.5-flash-image", {"prompt": "a lighthouse at dusk, watercolor",
+                                                   "aspect_ratio": "16:9"}),
+    ("midjourney", "image", "midjourney", {"prompt": "a lighthouse on a cliff, watercolour", "aspect_ratio": "3:2"}),
+    ("newapi", "video", "kling-v2-1", {"prompt": "a paper boat drifting on a koi pond", "duration_seconds": 5,
+                                       "aspect_ratio": "16:9"}),
+    ("luma", "video", "ray-2", {"prompt": "a tiger walking through fresh snow", "duration_seconds": 5,
+                                "aspect_ratio": "16:9"}),
+    ("minimax", "video", "MiniMax-Hailuo-02", {"prompt": "A man picks up a book [Pedestal up]", "duration_seconds": 6,
+                                               "resolution": "768p"}),
 ]
 
 
