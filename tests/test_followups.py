@@ -69,3 +69,18 @@ async def test_follow_ups_are_refused_with_the_field_named(stack: Stack) -> None
                                                          "source": {"job_id": image["id"]}, "input": {"prompt": "x"}})
             assert resp.status_code == 404, resp.text  # another tenant's job does not exist for this one
 
+
+
+async def test_an_openai_image_then_a_kling_image_to_video_of_it(stack: Stack) -> None:
+    """Issue 14's cross-provider chain: a synchronous image, then a video made from its stored copy."""
+    async with api(stack) as client:
+        image = await submit(client, provider="openai", kind="image", model="gpt-image-1",
+                             input={"prompt": "a red fox, portrait"})
+        image = await wait_for(client, image["id"])
+        assert image["status"] == "succeeded" and image["outputs"][0]["content_type"] == "image/png", image
+        video = await submit(client, provider="kling", kind="video", model="kling-v2-1",
+                             source={"job_id": image["id"]}, input={"prompt": "the fox turns its head"})
+        done = await wait_for(client, video["id"], timeout=60)
+    assert done["status"] == "succeeded", done
+    assert done["source"] == {"job_id": image["id"], "output": 0}
+    assert stack.simulators["kling"].tasks[done["provider_task_id"]].data["family"] == "image2video"  # type: ignore[attr-defined]
