@@ -6,8 +6,9 @@ API's file route), never stored: the state machine knows nothing of them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from orchestrator.domain.job import Job
 from orchestrator.infra.storage import Storage
@@ -21,7 +22,7 @@ class JobViews:
 
     async def job(self, job: Job, url_ttl: int | None = None) -> JobView:
         ttl = url_ttl or self.url_ttl_seconds
-        url_expiry = datetime.now(UTC) + timedelta(seconds=ttl)
+        url_expiry = datetime.fromtimestamp(int(time.time()) + ttl, UTC)  # as the signed URL says it
         if job.expires_at is not None and job.expires_at < url_expiry:
             url_expiry = job.expires_at  # the file itself goes first
         outputs = [
