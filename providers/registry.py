@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from providers.contract import Provider, ProviderSettings
+from providers.dashscope import DashScopeProvider
+from providers.doubao import DoubaoProvider
 from providers.fal import FalProvider
 from providers.gemini import GeminiProvider
 from providers.kling import KlingProvider
@@ -18,6 +20,8 @@ from providers.suno import SunoProvider
 from providers.veo import VeoProvider
 
 ADAPTERS: dict[str, type[Provider]] = {
+    "dashscope": DashScopeProvider,
+    "doubao": DoubaoProvider,
     "fal": FalProvider,
     "gemini": GeminiProvider,
     "kling": KlingProvider,
