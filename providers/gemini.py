@@ -80,12 +80,14 @@ from providers.errors import (
     TaskNotFound,
 )
 from providers.http import (
+    error_body,
     expect_object,
     fetch_input,
     parse_json,
     raise_for_common_status,
     retry_after_seconds,
     send,
+    sniff_image,
 )
 
 API_HOST = "generativelanguage.googleapis.com"
@@ -477,23 +479,11 @@ def parse_predictions(body: dict[str, Any]) -> TaskStatus:
 
 
 # -- input images ------------------------------------------------------------------------------
-def _sniff_image(head: bytes) -> str | None:
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1"):
-        return "image/heic"
-    return None
-
-
 async def _fetch_image(ctx: CallContext, url: str) -> dict[str, Any]:
     """Download an input image (bounded, destination-guarded) as an ``inline_data`` part: nothing is
     created if this fails."""
     data = (await fetch_input(ctx, url, max_bytes=MAX_INLINE_BYTES, code="input_image_unavailable"))[0]
-    mime = _sniff_image(data[:16])
+    mime = sniff_image(data[:16], ("image/png", "image/jpeg", "image/webp", "image/heic"))
     if mime is None:
         raise _image_error("the input image is not a PNG, JPEG, WebP or HEIC file")
     return {"inline_data": {"mime_type": mime, "data": base64.b64encode(data).decode()}}
@@ -504,18 +494,6 @@ def _image_error(message: str) -> Rejected:
 
 
 # -- errors ------------------------------------------------------------------------------------
-def _error_body(response: httpx.Response) -> dict[str, Any]:
-    """Google errors are ``{"error": {code, message, status, details}}``."""
-    try:
-        body = response.json()
-    except ValueError:
-        return {"body": response.text[:300]}
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        error: dict[str, Any] = body["error"]
-        return error
-    return {"body": str(body)[:300]}
-
-
 def _details(error: Mapping[str, Any], kind: str) -> list[dict[str, Any]]:
     details = error.get("details")
     return [d for d in details if isinstance(d, dict) and str(d.get("@type", "")).endswith(kind)] \
@@ -535,7 +513,7 @@ def _raise_for_error(response: httpx.Response, model: str) -> None:
     status = response.status_code
     if status < 400:
         return
-    error = _error_body(response)
+    error = error_body(response, unwrap="error")
     message = str(error.get("message") or f"HTTP {status}")
     if status == 429 and _DEPLETED.search(message):
         raise InsufficientBalance(f"Gemini: {message}", detail=error, status_code=status)

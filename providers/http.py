@@ -164,3 +164,39 @@ async def fetch_input(ctx: CallContext, url: str, *, max_bytes: int, what: str =
             raise Unavailable(f"{what} could not be fetched: its server could not be reached") from exc
     raise Rejected(f"{what} could not be fetched: more than {MAX_INPUT_REDIRECTS} redirects",
                    code=code)
+
+
+COMMON_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+
+
+def sniff_image(head: bytes, allowed: tuple[str, ...] = COMMON_IMAGE_TYPES) -> str | None:
+    """The image type the first bytes show (PNG, JPEG, WebP, GIF, HEIC), if it is one of ``allowed``.
+
+    Providers check the bytes, not the declared type; so do we, before anything is created."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        mime = "image/png"
+    elif head.startswith(b"\xff\xd8\xff"):
+        mime = "image/jpeg"
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        mime = "image/webp"
+    elif head[:6] in (b"GIF87a", b"GIF89a"):
+        mime = "image/gif"
+    elif head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1"):
+        mime = "image/heic"
+    else:
+        return None
+    return mime if mime in allowed else None
+
+
+def error_body(response: httpx.Response, *, unwrap: str | None = None) -> dict[str, Any]:
+    """A provider's error body as an object for a job's error detail (non-JSON bodies cut to 300 chars).
+
+    ``unwrap="error"`` returns the inner object of OpenAI's and Google's ``{"error": {...}}``."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {"body": response.text[:300]}
+    if unwrap is not None and isinstance(body, dict) and isinstance(body.get(unwrap), dict):
+        inner: dict[str, Any] = body[unwrap]
+        return inner
+    return body if isinstance(body, dict) else {"body": str(body)[:300]}

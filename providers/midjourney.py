@@ -101,6 +101,7 @@ from providers.http import (
     raise_for_common_status,
     retry_after_seconds,
     send,
+    sniff_image,
 )
 
 log = logging.getLogger(__name__)
@@ -597,22 +598,10 @@ async def _fetch_image(ctx: CallContext, url: str) -> str:
     """An input image, downloaded (bounded, destination-guarded) and inlined as a data URL: nothing
     is created at the provider if this fails."""
     data = (await fetch_input(ctx, url, max_bytes=MAX_IMAGE_BYTES, code="input_image_unavailable"))[0]
-    mime = _sniff_image(data[:16])
+    mime = sniff_image(data[:16], ("image/png", "image/jpeg", "image/webp", "image/gif"))
     if mime is None:
         raise Rejected("the input image is not a PNG, JPEG, WebP or GIF file", code="input_image_unavailable")
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def _sniff_image(head: bytes) -> str | None:
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    return None
 
 
 # -- answers --------------------------------------------------------------------------------------

@@ -84,12 +84,14 @@ from providers.errors import (
     TaskNotFound,
 )
 from providers.http import (
+    error_body,
     expect_object,
     fetch_input,
     parse_json,
     raise_for_common_status,
     retry_after_seconds,
     send,
+    sniff_image,
 )
 
 GPT_SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
@@ -426,16 +428,6 @@ def _is_url(value: Any) -> bool:
 
 # -- the wire ----------------------------------------------------------------------------------
 
-def _sniff(head: bytes) -> str | None:
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return None
-
-
 def _decoded_type(b64: str, output_format: Any) -> str:
     """The image's type, once the base64 is known to decode (a broken one is a malformed answer)."""
     try:
@@ -443,29 +435,17 @@ def _decoded_type(b64: str, output_format: Any) -> str:
     except (binascii.Error, ValueError) as exc:
         raise MalformedResponse("OpenAI Images answered an image that is not valid base64") from exc
     fallback = f"image/{output_format}" if output_format in OUTPUT_FORMATS else "image/png"
-    return _sniff(head) or fallback
+    return sniff_image(head) or fallback
 
 
 async def _fetch_image(ctx: CallContext, url: str, what: str, limit: int) -> tuple[str, bytes, str]:
     """Download an input image (bounded, destination-guarded, no credentials) as a multipart file:
     nothing is sent to OpenAI if this fails."""
     data = (await fetch_input(ctx, url, max_bytes=limit, what=what, code="input_image_unavailable"))[0]
-    mime = _sniff(data[:16])
+    mime = sniff_image(data[:16])
     if mime is None:
         raise Rejected(f"{what} is not a PNG, JPEG or WebP file", code="input_image_unavailable")
     return f"image.{mime.removeprefix('image/')}", data, mime
-
-
-def _error_body(response: httpx.Response) -> dict[str, Any]:
-    """OpenAI errors are ``{"error": {message, type, param, code}}``; gateways may differ."""
-    try:
-        body = response.json()
-    except ValueError:
-        return {"body": response.text[:300]}
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        error: dict[str, Any] = body["error"]
-        return error
-    return {"body": body if isinstance(body, dict) else str(body)[:300]}
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -480,7 +460,7 @@ def _raise_for_error(response: httpx.Response) -> None:
     status = response.status_code
     if status < 400:
         return
-    error = _error_body(response)
+    error = error_body(response, unwrap="error")
     code = str(error.get("code") or "")
     message = str(error.get("message") or f"HTTP {status}")
     if status < 500 and code in REFUSAL_CODES:

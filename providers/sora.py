@@ -51,7 +51,14 @@ from providers.contract import (
     TaskStatus,
 )
 from providers.errors import InsufficientBalance, InvalidInput, MalformedResponse, RateLimited, Rejected
-from providers.http import expect_object, parse_json, raise_for_common_status, retry_after_seconds, send
+from providers.http import (
+    error_body,
+    expect_object,
+    parse_json,
+    raise_for_common_status,
+    retry_after_seconds,
+    send,
+)
 
 log = logging.getLogger(__name__)
 
@@ -360,18 +367,6 @@ def _excerpt(body: Any) -> str:
     return str(body)[:300]
 
 
-def _error_body(response: httpx.Response) -> dict[str, Any]:
-    """OpenAI errors are ``{"error": {message, type, param, code}}``; gateways may differ."""
-    try:
-        body = response.json()
-    except ValueError:
-        return {"body": response.text[:300]}
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        error: dict[str, Any] = body["error"]
-        return error
-    return {"body": body if isinstance(body, dict) else str(body)[:300]}
-
-
 _BILLING_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
 
 
@@ -379,7 +374,7 @@ def _raise_for_error(response: httpx.Response, *, creates: bool = False) -> None
     status = response.status_code
     if status < 400:
         return
-    error = _error_body(response)
+    error = error_body(response, unwrap="error")
     code = str(error.get("code") or "")
     message = str(error.get("message") or f"HTTP {status}")
     if code in _BILLING_CODES or error.get("type") in _BILLING_CODES:

@@ -67,12 +67,14 @@ from providers.errors import (
     Rejected,
 )
 from providers.http import (
+    error_body,
     expect_object,
     fetch_input,
     parse_json,
     raise_for_common_status,
     retry_after_seconds,
     send,
+    sniff_image,
 )
 
 log = logging.getLogger(__name__)
@@ -396,21 +398,11 @@ def _check_image(image: Any, where: str) -> None:
         raise InvalidInput(where, f"mimeType is one of {', '.join(IMAGE_TYPES)}")
 
 
-def _sniff_image(head: bytes) -> str | None:
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return None
-
-
 async def _fetch_image(ctx: CallContext, url: str) -> dict[str, str]:
     """Download ``image_url`` (bounded, destination-guarded) and inline it: nothing is created at Veo if
     this fails."""
     data = (await fetch_input(ctx, url, max_bytes=MAX_IMAGE_BYTES, code="input_image_unavailable"))[0]
-    mime = _sniff_image(data[:16])
+    mime = sniff_image(data[:16])
     if mime is None:
         raise _image_error("the input image is not a PNG, JPEG or WebP file")
     return {"bytesBase64Encoded": base64.b64encode(data).decode(), "mimeType": mime}
@@ -422,18 +414,6 @@ def _image_error(message: str) -> Rejected:
 
 def _request_id(response: httpx.Response) -> str | None:
     return response.headers.get("x-request-id") or response.headers.get("x-goog-request-id")
-
-
-def _error_body(response: httpx.Response) -> dict[str, Any]:
-    """Google errors are ``{"error": {code, message, status, details}}``."""
-    try:
-        body = response.json()
-    except ValueError:
-        return {"body": response.text[:300]}
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        error: dict[str, Any] = body["error"]
-        return error
-    return {"body": body if isinstance(body, dict) else str(body)[:300]}
 
 
 def _details(error: dict[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -458,7 +438,7 @@ def _raise_for_error(response: httpx.Response, *, creates: bool = False) -> None
     status = response.status_code
     if status < 400:
         return
-    error = _error_body(response)
+    error = error_body(response, unwrap="error")
     message = str(error.get("message") or f"HTTP {status}")
     if status == 429 and _DEPLETED.search(message):
         # Prepaid credits used up (also a 429 RESOURCE_EXHAUSTED, but no wait brings them back).
