@@ -201,6 +201,8 @@ class CallContext:
 
     http: httpx.AsyncClient
     api_key: str
+    # At submit: the URL the provider should call back. In ``verify_callback``: the URL as it was
+    # called (path and query; a provider that signs the URL rather than the body checks it).
     callback_url: str | None = None
     # Seconds a create request may take for this model (``request_timeout_seconds`` /
     # ``request_timeout_by_model``); pass it to ``providers.http.send``. ``None``: the client's default.

@@ -55,7 +55,7 @@ async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> 
     job_id = request.query_params.get("job", "")
     token = request.query_params.get("token", "")
     keys = adapter.settings.api_keys
-    ctx = CallContext(http=rt.http_for(provider), api_key=keys[0] if keys else "")
+    ctx = CallContext(http=rt.http_for(provider), api_key=keys[0] if keys else "", callback_url=str(request.url))
     try:
         hint = await adapter.verify_callback(ctx, request.headers, body)
     except (RecursionError, ValueError, UnicodeError) as exc:  # a body or header no parser can read
