@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from providers.bfl import BflProvider
 from providers.contract import Provider, ProviderSettings
 from providers.dashscope import DashScopeProvider
 from providers.doubao import DoubaoProvider
 from providers.fal import FalProvider
 from providers.gemini import GeminiProvider
+from providers.ideogram import IdeogramProvider
+from providers.jimeng import JimengProvider
 from providers.kling import KlingProvider
 from providers.luma import LumaProvider
 from providers.midjourney import MidjourneyProvider
@@ -16,14 +19,20 @@ from providers.openai import OpenAIProvider
 from providers.replicate import ReplicateProvider
 from providers.runway import RunwayProvider
 from providers.sora import SoraProvider
+from providers.stability import StabilityProvider
 from providers.suno import SunoProvider
 from providers.veo import VeoProvider
+from providers.vidu import ViduProvider
+from providers.xai import XaiProvider
 
 ADAPTERS: dict[str, type[Provider]] = {
+    "bfl": BflProvider,
     "dashscope": DashScopeProvider,
     "doubao": DoubaoProvider,
     "fal": FalProvider,
     "gemini": GeminiProvider,
+    "ideogram": IdeogramProvider,
+    "jimeng": JimengProvider,
     "kling": KlingProvider,
     "luma": LumaProvider,
     "midjourney": MidjourneyProvider,
@@ -33,8 +42,11 @@ ADAPTERS: dict[str, type[Provider]] = {
     "replicate": ReplicateProvider,
     "runway": RunwayProvider,
     "sora": SoraProvider,
+    "stability": StabilityProvider,
     "suno": SunoProvider,
     "veo": VeoProvider,
+    "vidu": ViduProvider,
+    "xai": XaiProvider,
 }
 
 

@@ -209,8 +209,9 @@ class Settings(BaseSettings):
         if name == "jimeng":  # Volcengine signs requests with an access key / secret key pair
             for part in ("access_key", "secret_key"):
                 value = self._env(name, part)
-                if value:
-                    extra.setdefault(part, str(value))
+                extra.setdefault(part, str(value) if value else (f"sandbox-{part[0]}k" if sandboxed else ""))
+            if not keys and extra["access_key"]:
+                keys = [extra["access_key"]]
         if name == "suno":
             extra.setdefault("flavor", self.suno_flavor)
         if name == "fal":
