@@ -58,6 +58,14 @@ def test_media_typing_on_real_files(ext, ctype):
     assert head is not None and head.content_type == ctype
 
 
+def test_a_jfif_jpeg_is_stored_as_jpg():
+    from providers.sandbox.stability import jpeg, webp  # real encoders: a JFIF JPEG and a WebP
+    assert (identify(io.BytesIO(jpeg("seed", 8, 8))).content_type, identify(io.BytesIO(jpeg("seed", 8, 8))).extension) \
+        == ("image/jpeg", "jpg")
+    info = identify(io.BytesIO(webp("seed", 8, 8)))
+    assert (info.content_type, info.extension) == ("image/webp", "webp")
+
+
 def _box(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I4s", 8 + len(payload), kind) + payload
 

@@ -78,10 +78,8 @@ def _normal(ctype: str, ext: str) -> tuple[str, str]:
                "image/x-ms-bmp": "image/bmp", "image/x-bmp": "image/bmp", "image/x-tiff": "image/tiff",
                "video/x-matroska": "video/webm" if ext == "webm" else "video/x-matroska"}
     ctype = aliases.get(ctype, ctype)
-    ext = {"jpeg": "jpg", "tif": "tiff", "heif": "heic"}.get(ext, ext)
-    if ctype == "audio/mp4":
-        ext = "m4a"
-    return ctype, ext
+    # One extension per known type too (a JPEG may be matched as ``.jfif`` or ``.jpe``).
+    return ctype, EXTENSIONS.get(ctype) or {"tif": "tiff", "heif": "heic"}.get(ext, ext)
 
 
 def identify(file: IO[bytes], declared: str | None = None) -> MediaInfo:
