@@ -51,6 +51,22 @@ DEMO_JOBS: list[tuple[str, str, str, dict[str, Any]]] = [
                                 "aspect_ratio": "16:9"}),
     ("minimax", "video", "MiniMax-Hailuo-02", {"prompt": "A man picks up a book [Pedestal up]", "duration_seconds": 6,
                                                "resolution": "768p"}),
+    ("doubao", "video", "doubao-seedance-1-0-pro-250528", {"prompt": "a kite over a wheat field",
+                                                          "duration_seconds": 5, "aspect_ratio": "16:9"}),
+    ("doubao", "image", "doubao-seedream-4-0-250828", {"prompt": "a tea house in the rain, ink wash",
+                                                       "resolution": "2K"}),
+    ("dashscope", "video", "wan2.2-t2v-plus", {"prompt": "a koi pond at night, lanterns", "resolution": "480p",
+                                               "aspect_ratio": "16:9"}),
+    ("dashscope", "image", "qwen-image", {"prompt": "a poster that says ATELIER in bold letters"}),
+    ("xai", "video", "grok-imagine-video", {"prompt": "a hummingbird in slow motion", "duration_seconds": 6}),
+    ("jimeng", "video", "jimeng_t2v_v30", {"prompt": "a paper crane unfolding", "duration_seconds": 5,
+                                           "aspect_ratio": "16:9"}),
+    ("vidu", "video", "viduq2", {"prompt": "a fox walking through a bamboo forest", "duration_seconds": 5}),
+    ("ideogram", "image", "ideogram-v3", {"prompt": "a vintage travel poster of Lisbon", "aspect_ratio": "2:3",
+                                          "options": {"rendering_speed": "TURBO"}}),
+    ("stability", "image", "stable-image-core", {"prompt": "a ceramic mug on a wooden table, studio light",
+                                                 "aspect_ratio": "1:1"}),
+    ("bfl", "image", "flux-pro-1.1", {"prompt": "a glass greenhouse at sunrise", "aspect_ratio": "16:9"}),
 ]
 
 
