@@ -1,7 +1,9 @@
 """Google Veo through the Gemini API (https://ai.google.dev/gemini-api/docs/video).
 
 The base URL is the origin (``https://generativelanguage.googleapis.com``); the routes carry
-``/v1beta``. Auth: ``x-goog-api-key: <key>``.
+the API version, ``/v1beta`` (documented) by default, ``/v1`` with ``extra["api_version"]``
+(``ATELIER_VEO_API_VERSION``; whether Google serves Veo on ``v1`` is UNCONFIRMED). Auth:
+``x-goog-api-key: <key>``.
 
 Endpoints:
 
@@ -80,6 +82,7 @@ from providers.http import (
 log = logging.getLogger(__name__)
 
 API_HOST = "generativelanguage.googleapis.com"
+API_VERSIONS = ("v1beta", "v1")
 ASPECT_RATIOS = ("16:9", "9:16")
 PERSON_GENERATION = ("allow_all", "allow_adult", "dont_allow")
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
@@ -145,6 +148,9 @@ class VeoProvider(Provider):
         super().__init__(settings)
         parts = urlsplit(self.base_url)
         self._origin = (parts.scheme, parts.hostname or "", parts.port)
+        self.api_version = str(settings.extra.get("api_version", "v1beta"))
+        if self.api_version not in API_VERSIONS:
+            raise ValueError(f"veo api_version is one of {', '.join(API_VERSIONS)}, not {self.api_version!r}")
 
     # -- validation ----------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> None:
@@ -286,7 +292,7 @@ class VeoProvider(Provider):
         veo = self.build(request.model, request.input)
         if veo.image_url is not None:
             veo.instance["image"] = await _fetch_image(ctx, veo.image_url)
-        url = f"{self.base_url}/v1beta/models/{request.model}:predictLongRunning"
+        url = f"{self.base_url}/{self.api_version}/models/{request.model}:predictLongRunning"
         http_request = ctx.http.build_request("POST", url, json=veo.body(), headers=self._headers(ctx))
         response = await send(ctx.http, http_request, creates=True)
         _raise_for_error(response, creates=True)
@@ -301,7 +307,7 @@ class VeoProvider(Provider):
         name = task.task_id
         if not _OPERATION.match(name) or ".." in name:
             raise MalformedResponse("the job's Veo operation name is not valid", detail=name[:200])
-        url = f"{self.base_url}/v1beta/{name}"
+        url = f"{self.base_url}/{self.api_version}/{name}"
         response = await send(ctx.http, ctx.http.build_request("GET", url, headers=self._headers(ctx)))
         _raise_for_error(response)
         status = self.parse_operation(expect_object(parse_json(response), "operation"))
@@ -357,7 +363,7 @@ class VeoProvider(Provider):
         if isinstance(uri, str) and uri.startswith(("https://", "http://")):
             return uri
         if isinstance(uri, str) and uri.startswith("files/"):  # a File name: the SDK downloads it so
-            return f"{self.base_url}/v1beta/{uri.split(':')[0]}:download?alt=media"
+            return f"{self.base_url}/{self.api_version}/{uri.split(':')[0]}:download?alt=media"
         encoded = video.get("encodedVideo")
         if isinstance(encoded, str) and encoded:
             return f"data:{video.get('encoding') or 'video/mp4'};base64,{encoded}"

@@ -214,6 +214,8 @@ class Settings(BaseSettings):
                 keys = [extra["access_key"]]
         if name == "suno":
             extra.setdefault("flavor", self.suno_flavor)
+        if name == "veo" and (version := self._env(name, "api_version")):
+            extra["api_version"] = str(version)  # ATELIER_VEO_API_VERSION: v1beta (default) or v1
         if name == "fal":
             explicit = "fal_jwks_url" in self.model_fields_set
             extra.setdefault("jwks_url", self.fal_jwks_url if explicit or not sandboxed

@@ -263,3 +263,30 @@ def test_operation_shapes_beyond_the_simulator():
     assert [o.url for o in legacy.outputs] == ["data:video/mp4;base64,AAAA"]
     empty = veo.parse_operation({"done": True, "response": {"generateVideoResponse": {}}})
     assert empty.state == "failed" and empty.error_code == "provider_no_output"
+
+
+async def test_api_version_v1_is_used_on_every_route(stack):
+    """``ATELIER_VEO_API_VERSION=v1``: create, poll and file download all go through ``/v1``."""
+    from providers.contract import CallContext, GenerationRequest, MediaInput, MediaKind, ProviderSettings, TaskRef
+    from providers.veo import VeoProvider
+
+    base = stack.simulator_url("veo")
+    veo = VeoProvider(ProviderSettings(name="veo", base_url=base, api_keys=["sandbox-key"],
+                                       extra={"api_version": "v1"}))
+    request = GenerationRequest(kind=MediaKind.video, model="veo-3.0-fast-generate-001",
+                                input=MediaInput(prompt="a lighthouse at dusk [sim:run=0.2]"))
+    async with httpx.AsyncClient() as http:
+        ctx = CallContext(http=http, api_key="sandbox-key")
+        created = await veo.submit(ctx, request)
+        assert sim_operation(stack, {"provider_task_id": created.task_id}).data["api_version"] == "v1"
+        status = await veo.fetch(ctx, TaskRef(task_id=created.task_id, request=request))
+        for _ in range(50):
+            if status.state == "succeeded":
+                break
+            await asyncio.sleep(0.1)
+            status = await veo.fetch(ctx, TaskRef(task_id=created.task_id, request=request))
+        assert status.state == "succeeded", status
+        (url,) = [o.url for o in status.outputs]
+        assert "/v1/files/" in url and "/v1beta/" not in url, url
+    with pytest.raises(ValueError, match="v1beta, v1"):
+        VeoProvider(ProviderSettings(name="veo", base_url=base, extra={"api_version": "v2"}))
