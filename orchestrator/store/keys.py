@@ -144,6 +144,12 @@ def waiting(provider: str, key_id: str) -> str:
     return f"{P}waiting:{provider}:{key_id}"
 
 
+def fair_tags(provider: str, key_id: str) -> str:
+    """Hash of the fair-share tags of a key's waiting line (per priority: virtual time, each tenant's
+    next tag); deleted whenever the line is empty."""
+    return f"{P}fairtags:{provider}:{key_id}"
+
+
 def budget_line(provider: str, key_id: str) -> str:
     """Sorted set of job ids waiting for the key's request budget (priority, then arrival)."""
     return f"{P}budgetline:{provider}:{key_id}"

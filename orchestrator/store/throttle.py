@@ -3,8 +3,9 @@ requests-per-minute budget, per provider and per API key.
 
 Tasks in flight are a Redis set per key (``keys.inflight``).
 A job that finds the key full waits in ``queued`` (phase ``throttled``) in a
-sorted set ordered by priority, then submission time; when a task finishes,
-the next waiting jobs are woken in that order. A job may take a slot only if
+sorted set ordered by priority, then by fair share between tenants (within a
+priority, tenants take turns: see ``scripts/slot_acquire.lua``), then arrival;
+when a task finishes, the next waiting jobs are woken in that order. A job may take a slot only if
 fewer jobs are ahead of it than there are free slots, so newcomers never jump
 the line. The request budget is a GCRA limiter (``keys.rate``): submits
 and polls of one key spend the same budget, so no 429 is self-inflicted. A 429
@@ -65,8 +66,9 @@ class Throttle:
         if not cap:
             return True
         got = await self._acquire(keys=[self.inflight_key(job.provider, key_id),
-                                        self.waiting_key(job.provider, key_id)],
-                                  args=[job.id, cap, queue_score(job)])
+                                        self.waiting_key(job.provider, key_id),
+                                        keys.fair_tags(job.provider, key_id)],
+                                  args=[job.id, cap, _PRIORITY_RANK[job.priority], job.tenant])
         return bool(got)
 
     async def release(self, provider: str, key_id: str, job_id: str) -> list[str]:
@@ -74,7 +76,8 @@ class Throttle:
         cap = self.cap(provider)
         if not cap:
             return []
-        heads = await self._release(keys=[self.inflight_key(provider, key_id), self.waiting_key(provider, key_id)],
+        heads = await self._release(keys=[self.inflight_key(provider, key_id), self.waiting_key(provider, key_id),
+                                          keys.fair_tags(provider, key_id)],
                                     args=[job_id, cap])
         return [h.decode() if isinstance(h, bytes) else str(h) for h in heads]
 
