@@ -71,6 +71,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "kling": {"kind": "video", "model": "kling-v1", "reconciles": True},
     "sora": {"kind": "video", "model": "sora-2", "reconciles": True},
     "fal": {"kind": "image", "model": "fal-ai/flux/schnell", "reconciles": False},
+    "minimax": {"kind": "video", "model": "MiniMax-Hailuo-02", "reconciles": False},
+    "doubao": {"kind": "video", "model": "doubao-seedance-1-0-pro-250528", "reconciles": True},
+    "dashscope": {"kind": "video", "model": "wan2.2-t2v-plus", "reconciles": True},
 }
 
 

@@ -27,8 +27,8 @@ PROVIDERS = list(MODELS)
 
 def storm(scale: float) -> dict[str, list[dict[str, Any]]]:
     """Faults per simulator route, about ``scale`` times over. Ambiguous submissions (the provider created
-    the task, then the answer failed) only where the provider can be asked what it created; fal gets
-    faults that provably created nothing (429, 503) on submit."""
+    the task, then the answer failed) only where the provider can be asked what it created; fal and
+    MiniMax get faults that provably created nothing (429, 503) on submit."""
 
     def n(k: float) -> int:
         return max(1, round(k * scale))
@@ -51,6 +51,15 @@ def storm(scale: float) -> dict[str, list[dict[str, Any]]]:
                  {"kind": "502", "route": "content", "count": 1}],
         "fal": [*[f | {"route": "submit"} for f in refused], *[f | {"route": "status"} for f in status],
                 {"kind": "500", "route": "result", "count": n(1)}, {"kind": "503", "route": "download", "count": 1}],
+        # MiniMax cannot be asked what it created: like fal, only refusals on create. Its file lookup
+        # (the download_url) is a request of its own, stormed too.
+        "minimax": [*[f | {"route": "create"} for f in refused], *[f | {"route": "query"} for f in status],
+                    {"kind": "503", "route": "retrieve", "count": n(1)},
+                    {"kind": "500", "route": "download", "count": 1}],
+        "doubao": [*[f | {"route": "create"} for f in refused + ambiguous], *[f | {"route": "get"} for f in status],
+                   {"kind": "502", "route": "download", "count": 1}],
+        "dashscope": [*[f | {"route": "create"} for f in refused + ambiguous], *[f | {"route": "get"} for f in status],
+                      {"kind": "503", "route": "download", "count": 1}],
     }
 
 
