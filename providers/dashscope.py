@@ -86,6 +86,7 @@ from providers.contract import (
     TaskStatus,
 )
 from providers.errors import (
+    AmbiguousMatch,
     AuthFailed,
     InsufficientBalance,
     InvalidInput,
@@ -94,7 +95,6 @@ from providers.errors import (
     RateLimited,
     Rejected,
     TaskNotFound,
-    Unavailable,
 )
 from providers.http import expect_object, parse_json, raise_for_common_status, retry_after_seconds, send
 
@@ -516,11 +516,11 @@ class DashScopeProvider(Provider):
                 return SubmitResult(task_id=task_id, state=DashScopeTask(route=call.route, submitted_at=since))
             if echoed is None:
                 unconfirmed.append(task_id)  # not finished (or failed): no prompt to compare
-        if len(unconfirmed) > 1:  # either could be another job's: look again once they show their prompt
-            raise Unavailable(f"{len(unconfirmed)} unfinished DashScope tasks could be the lost one; looking again")
-        if not unconfirmed:
-            return None
-        return SubmitResult(task_id=unconfirmed[0], state=DashScopeTask(route=call.route, submitted_at=since))
+        found = [SubmitResult(task_id=task_id, state=DashScopeTask(route=call.route, submitted_at=since))
+                 for task_id in unconfirmed]
+        if len(found) > 1:  # either could be another job's (no prompt shown until they finish)
+            raise AmbiguousMatch(f"{len(found)} unfinished DashScope tasks could be the lost one", found)
+        return found[0] if found else None
 
     def _stamp(self, ts: float) -> str:
         return datetime.fromtimestamp(ts, self.china_time).strftime("%Y%m%d%H%M%S")

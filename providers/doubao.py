@@ -89,6 +89,7 @@ from providers.contract import (
     TaskStatus,
 )
 from providers.errors import (
+    AmbiguousMatch,
     AuthFailed,
     CallbackRejected,
     InsufficientBalance,
@@ -492,13 +493,11 @@ class DoubaoProvider(Provider):
             (after if created >= math.floor(since) else before).append(item)
         # Only an unambiguous match: another job's task with the same parameters must never be taken.
         candidates = after or before
-        if len(candidates) != 1:
-            if candidates:
-                log.warning("doubao: %d tasks match a lost create; none is taken", len(candidates))
-            return None
-        found = candidates[0]
-        return SubmitResult(task_id=found["id"], status=_str_or_none(found.get("status")),
-                            callback_expected=bool(ctx.callback_url))
+        found = [SubmitResult(task_id=item["id"], status=_str_or_none(item.get("status")),
+                              callback_expected=bool(ctx.callback_url)) for item in candidates]
+        if len(found) > 1:  # Ark echoes no prompt: like tasks cannot be told apart here
+            raise AmbiguousMatch(f"{len(found)} Ark tasks match the lost create", found)
+        return found[0] if found else None
 
     async def _recent_tasks(self, ctx: CallContext, model: str, oldest: float) -> AsyncIterator[dict[str, Any]]:
         """Tasks of ``model`` created at ``oldest`` or later, read from the recent end of the list

@@ -13,6 +13,10 @@ whether the provider may have accepted (and will bill) a submission:
                              reset, 5xx after the body was sent).
 * ``MalformedResponse``   -- the provider answered something we cannot read.
 * ``TaskNotFound``        -- the provider does not know the task (expired, deleted).
+* ``AmbiguousMatch``      -- (from ``reconcile``) several tasks could be the lost one (``candidates``,
+                             as ``SubmitResult``s): the worker drops those other jobs own; one left is
+                             taken, several fail the job, which is never resubmitted (one of them is
+                             likely its own paid task).
 
 The job's error code is given at construction (``code=``) where the provider says more than the
 class does (``content_policy``, ``model_not_found``...); it never changes afterwards.
@@ -70,6 +74,14 @@ class Unavailable(ProviderError):
 
 class OutcomeUnknown(ProviderError):
     default_code = "provider_outcome_unknown"
+
+
+class AmbiguousMatch(ProviderError):
+    default_code = "provider_outcome_unknown"
+
+    def __init__(self, message: str, candidates: list[Any], *, detail: Any = None) -> None:
+        super().__init__(message, detail=detail)
+        self.candidates = candidates  # SubmitResult of each task that could be the lost one
 
 
 class MalformedResponse(ProviderError):

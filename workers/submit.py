@@ -24,6 +24,7 @@ from orchestrator.wire import limits
 from orchestrator.wire.jobs import TERMINAL, JobStatus
 from providers.contract import Provider, SubmitResult
 from providers.errors import (
+    AmbiguousMatch,
     AuthFailed,
     InsufficientBalance,
     MalformedResponse,
@@ -302,6 +303,18 @@ async def _resolve_unknown(rt: Runtime, provider: Provider, job: Job, exc: Provi
         if isinstance(rec_exc, TRANSIENT_LOOKUP) and await _reconcile_later(rt, job, exc, rec_exc):
             return
         found = None
+        if isinstance(rec_exc, AmbiguousMatch):
+            # Tasks other jobs own are not ours; of the rest, one is taken, several fail the job:
+            # one of them is likely its own (paid) task, so it is never resubmitted.
+            owners = [await rt.store.job_for_task(job.provider, c.task_id) for c in rec_exc.candidates]
+            free = [c for c, owner in zip(rec_exc.candidates, owners, strict=True) if owner in (None, job.id)]
+            if len(free) > 1:
+                await fail_current(rt, job, "provider_outcome_unknown",
+                                   f"{exc.message}. {rec_exc.message} and none can be told to be this job's: "
+                                   "it was not resubmitted (whatever retry_unknown_submissions says), since one "
+                                   "of them is likely its task.", exc.detail)
+                return
+            found = free[0] if free else None
     # The task may already be bound to this very job (a worker killed between claiming the task and
     # recording `submitted`): that is the task to follow, not another job's (fault suite finding).
     owner = await rt.store.job_for_task(job.provider, found.task_id) if found is not None else None

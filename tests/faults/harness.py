@@ -72,7 +72,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "sora": {"kind": "video", "model": "sora-2", "reconciles": True},
     "fal": {"kind": "image", "model": "fal-ai/flux/schnell", "reconciles": False},
     "minimax": {"kind": "video", "model": "MiniMax-Hailuo-02", "reconciles": False},
-    "doubao": {"kind": "video", "model": "doubao-seedance-1-0-pro-250528", "reconciles": True},
+    # Ark echoes no prompt: a lost create among like tasks cannot be told apart (AmbiguousMatch).
+    "doubao": {"kind": "video", "model": "doubao-seedance-1-0-pro-250528", "reconciles": False},
     "dashscope": {"kind": "video", "model": "wan2.2-t2v-plus", "reconciles": True},
 }
 

@@ -27,8 +27,8 @@ PROVIDERS = list(MODELS)
 
 def storm(scale: float) -> dict[str, list[dict[str, Any]]]:
     """Faults per simulator route, about ``scale`` times over. Ambiguous submissions (the provider created
-    the task, then the answer failed) only where the provider can be asked what it created; fal and
-    MiniMax get faults that provably created nothing (429, 503) on submit."""
+    the task, then the answer failed) only where the provider can be asked what it created (``reconciles``);
+    the others get faults that provably created nothing (429, 503) on submit."""
 
     def n(k: float) -> int:
         return max(1, round(k * scale))
@@ -40,25 +40,32 @@ def storm(scale: float) -> dict[str, list[dict[str, Any]]]:
     status = [{"kind": "429", "count": n(3)}, {"kind": "500", "count": n(2)}, {"kind": "502", "count": n(1)},
               {"kind": "timeout", "count": n(1), "delay": 3.0},
               {"kind": "malformed", "count": 2}]  # 3 in a row on one job would (rightly) fail it
+    # A key that takes few tasks at once (DashScope: 4) meets a storm in proportion: its jobs retry in turn.
+    light = {p for p in MODELS if p == "dashscope"}
+
+    def create(provider: str) -> list[dict[str, Any]]:
+        faults = refused + ambiguous if MODELS[provider]["reconciles"] else refused
+        return [f | {"route": "create"} | ({"count": max(1, f["count"] // 4)} if provider in light else {})
+                for f in faults]
+
     return {
-        "replicate": [*[f | {"route": "create"} for f in refused + ambiguous],
+        "replicate": [*create("replicate"),
                       {"kind": "malformed", "route": "create", "count": n(1), "after_effect": True},
                       *[f | {"route": "get"} for f in status],
                       {"kind": "503", "route": "download", "count": 1}],
-        "kling": [*[f | {"route": "create"} for f in refused + ambiguous], *[f | {"route": "get"} for f in status],
+        "kling": [*create("kling"), *[f | {"route": "get"} for f in status],
                   {"kind": "500", "route": "download", "count": 1}],
-        "sora": [*[f | {"route": "create"} for f in refused + ambiguous], *[f | {"route": "get"} for f in status],
+        "sora": [*create("sora"), *[f | {"route": "get"} for f in status],
                  {"kind": "502", "route": "content", "count": 1}],
         "fal": [*[f | {"route": "submit"} for f in refused], *[f | {"route": "status"} for f in status],
                 {"kind": "500", "route": "result", "count": n(1)}, {"kind": "503", "route": "download", "count": 1}],
-        # MiniMax cannot be asked what it created: like fal, only refusals on create. Its file lookup
-        # (the download_url) is a request of its own, stormed too.
-        "minimax": [*[f | {"route": "create"} for f in refused], *[f | {"route": "query"} for f in status],
+        # MiniMax's file lookup (the download_url) is a request of its own, stormed too.
+        "minimax": [*create("minimax"), *[f | {"route": "query"} for f in status],
                     {"kind": "503", "route": "retrieve", "count": n(1)},
                     {"kind": "500", "route": "download", "count": 1}],
-        "doubao": [*[f | {"route": "create"} for f in refused + ambiguous], *[f | {"route": "get"} for f in status],
+        "doubao": [*create("doubao"), *[f | {"route": "get"} for f in status],
                    {"kind": "502", "route": "download", "count": 1}],
-        "dashscope": [*[f | {"route": "create"} for f in refused + ambiguous], *[f | {"route": "get"} for f in status],
+        "dashscope": [*create("dashscope"), *[f | {"route": "get"} for f in status],
                       {"kind": "503", "route": "download", "count": 1}],
     }
 

@@ -15,7 +15,7 @@ import pytest
 from orchestrator.cli.devstack import Stack, dev_stack
 from providers.contract import CallContext, GenerationRequest, MediaInput, MediaKind, ProviderSettings
 from providers.dashscope import DashScopeProvider
-from providers.errors import Unavailable
+from providers.errors import AmbiguousMatch
 from providers.sandbox.base import SimConfig
 from providers.sandbox.dashscope import DashScopeSimulator
 from providers.sandbox.serve import serving
@@ -215,7 +215,7 @@ async def test_reconcile_takes_the_task_that_echoes_the_prompt_and_never_guesses
                                           input=MediaInput(prompt=prompt))
                         for i, prompt in enumerate(("a lighthouse", "another lighthouse"))]
         created = [(await provider.submit(ctx, r)).task_id for r in (ours, theirs)]
-        with pytest.raises(Unavailable):  # two PENDING tasks, no prompt shown yet: either could be ours
+        with pytest.raises(AmbiguousMatch):  # two PENDING tasks, no prompt shown yet: either could be ours
             await provider.reconcile(ctx, ours, since)
         for task in ds.tasks.values():
             task.queue_seconds = task.run_seconds = 0.0  # both finish and echo their prompt

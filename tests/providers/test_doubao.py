@@ -12,12 +12,14 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 
 from orchestrator.cli.devstack import Stack, dev_stack
 from orchestrator.store.jobs import JobStore
 from providers.contract import CallContext, GenerationRequest, MediaInput, MediaKind, ProviderSettings
 from providers.doubao import DoubaoProvider
+from providers.errors import AmbiguousMatch
 from providers.sandbox.base import SimConfig
 from providers.sandbox.doubao import DoubaoSimulator
 from providers.sandbox.serve import serving
@@ -286,6 +288,29 @@ async def test_ambiguous_create_is_reconciled_through_the_task_list(redis_url):
     assert stats["creations"] == 2 and stats["requests"]["create"] == 2 and stats["requests"]["list"] == 1
 
 
+async def test_an_ambiguous_lost_create_is_never_resubmitted(redis_url):
+    # Two jobs with the same model and parameters (Ark echoes no prompt) lose their creates at once:
+    # each finds two tasks that could be its own, so both fail rather than pay for more tasks, even
+    # though they allow retrying unknown submissions.
+    async with dev_stack(redis_url=redis_url, http_timeout_seconds=1.0, log_format="text") as stack, \
+            api(stack) as client:
+        await sim_faults(stack, "doubao", {"kind": "timeout", "route": "create", "after_effect": True, "delay": 2,
+                                           "count": 2})
+        ids = []
+        for prompt in ("a kitten", "a second kitten"):
+            resp = await client.post("/v1/jobs", json={
+                "provider": "doubao", "kind": "video", "model": PRO, "retry_unknown_submissions": True,
+                "input": {"prompt": prompt, "aspect_ratio": "4:3", "duration_seconds": 10}})
+            assert resp.status_code == 202, resp.text
+            ids.append(resp.json()["id"])
+        done = [await wait_for(client, job_id, timeout=90) for job_id in ids]
+        stats = await sim_stats(stack, "doubao")
+    for job in done:
+        assert job["status"] == "failed" and job["error"]["code"] == "provider_outcome_unknown", job
+        assert "2 Ark tasks match" in job["error"]["message"] and "not resubmitted" in job["error"]["message"]
+    assert stats["creations"] == 2, stats  # the two lost ones; never a third
+
+
 async def test_reconcile_takes_only_an_unambiguous_match():
     ark = DoubaoSimulator(SimConfig(queue_seconds=30, run_seconds=1))
     async with serving(ark.app) as base, httpx.AsyncClient(timeout=5) as http:
@@ -301,7 +326,8 @@ async def test_reconcile_takes_only_an_unambiguous_match():
         found = await provider.reconcile(ctx, request(2), since)
         assert found is not None and found.task_id == created[2]  # the echoed seed tells them apart
         await provider.submit(ctx, request(2, "another kitten"))  # the prompt is not echoed: a twin
-        assert await provider.reconcile(ctx, request(2), since) is None  # two could be ours: none is taken
+        with pytest.raises(AmbiguousMatch, match="2 Ark tasks match"):  # two could be ours: none is taken
+            await provider.reconcile(ctx, request(2), since)
         assert await provider.reconcile(ctx, request(1), time.time() + 60) is None  # nothing created then
 
 
