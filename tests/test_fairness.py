@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 
 import redis.asyncio as aioredis
+from arq.constants import job_key_prefix
 
 from orchestrator.cli.devstack import dev_stack
+from orchestrator.domain.ids import new_id
+from orchestrator.domain.webhooks import Delivery
+from orchestrator.services.runtime import Runtime
 from orchestrator.store.tenants import create_api_key
-from tests.helpers import api, submit, wait_for
+from orchestrator.wire.jobs import utcnow
+from providers.sandbox.serve import serving
+from tests.helpers import WebhookReceiver, api, submit, wait_for
+from workers.sweep import sweep
 
 IMAGE = {"provider": "replicate", "kind": "image", "model": "black-forest-labs/flux-schnell"}
 
@@ -44,3 +52,78 @@ async def test_a_big_batch_does_not_hold_back_another_tenants_job_on_the_same_ke
     assert waited < 10, f"tenant B's job took {waited:.1f} s behind tenant A's batch"
     finished = sum(batch["counts"].get(s, 0) for s in ("succeeded", "failed"))
     assert finished < 100, f"{finished} of A's jobs finished before B's one job: B did not get its turn"
+
+
+async def test_dead_endpoints_of_one_tenant_do_not_delay_another_tenants_webhook(redis_url):
+    # Tenant A: 50 endpoints on a receiver that accepts connections and never answers (each attempt
+    # waits out the timeout) and 40 jobs: thousands of deliveries that can only fail. Tenant B's one
+    # job's webhooks still arrive within seconds; A's destinations are circuit-broken, not retried
+    # in a loop, and none of A's deliveries is attempted twice at once.
+    silent: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    dead = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    receiver = WebhookReceiver()
+    try:
+        async with serving(receiver.app) as hooks, \
+                dev_stack(redis_url=redis_url, webhook_timeout_seconds=2.0, worker_max_jobs=60,
+                          webhook_retry_schedule="0,1,2,4,8", poll_min_seconds=0.1, log_format="text") as stack:
+            r = aioredis.Redis.from_url(redis_url)
+            key_a = await create_api_key(r, "flood-a")
+            async with api(stack, key_a) as a, api(stack) as b:
+                for i in range(50):
+                    resp = await a.post("/v1/webhook-endpoints", json={"url": f"{dead}/hook/{i}"})
+                    assert resp.status_code == 201, resp.text
+                a_jobs = [(await submit(a, input={"prompt": f"a {i}"}))["id"] for i in range(40)]
+                for job_id in a_jobs[-5:]:
+                    await wait_for(a, job_id, timeout=60)
+                pending = int(await r.zcard("atl:wh:due"))
+                job = await submit(b, input={"prompt": "tenant b"}, webhook_url=f"{hooks}/hook")
+                done = await wait_for(b, job["id"], timeout=30)
+                finished = time.monotonic()
+                await receiver.wait(2, timeout=30)  # job.running and job.succeeded
+                delay = time.monotonic() - finished
+                parked = int(await r.zcard("atl:whq:parked"))
+            await r.aclose()
+    finally:
+        server.close()
+        for writer in silent:
+            writer.close()
+    assert done["status"] == "succeeded"
+    assert pending > 1000, f"only {pending} of tenant A's deliveries were pending: the flood did not build"
+    assert delay < 10, f"tenant B's webhook arrived {delay:.1f} s after its job finished"
+    assert parked > 0  # A's deliveries wait outside the queue while their circuits are open
+
+
+async def test_the_sweeper_queues_an_overdue_delivery_once(redis_url):
+    # Overdue but queued (a long queue, a slow receiver): left alone, however often the sweeper looks.
+    # Lost (its queue entry gone): queued again, once.
+    async with dev_stack(redis_url=redis_url, run_worker=False, sweep_grace_seconds=0.0,
+                         log_format="text") as stack:
+        rt = await Runtime.open(stack.settings)
+        try:
+            delivery = Delivery(id=new_id("msg"), tenant="sweep-test", url="http://127.0.0.1:9/hook",
+                                event_type="job.succeeded", sequence=1, payload="{}",
+                                next_attempt_at=utcnow() - timedelta(minutes=5))
+            assert await rt.store.create_delivery(delivery)
+            await rt.queue.deliver(delivery.id, 0, defer=600)
+
+            async def entries() -> list[str]:
+                queued = await rt.redis.zrange(rt.settings.webhook_queue_name, 0, -1)
+                return [q.decode() for q in queued if delivery.id in q.decode()]
+
+            for _ in range(3):
+                await rt.store.touch_due_delivery(delivery.id, time.time() - 60)  # overdue again
+                await sweep({"rt": rt})
+            assert await entries() == [f"wh:{delivery.id}:0"]
+            await rt.redis.zrem(rt.settings.webhook_queue_name, f"wh:{delivery.id}:0")
+            await rt.redis.delete(f"{job_key_prefix}wh:{delivery.id}:0")  # the entry is lost
+            for _ in range(3):
+                await rt.store.touch_due_delivery(delivery.id, time.time() - 60)
+                await sweep({"rt": rt})
+            assert await entries() == [f"wh:{delivery.id}:0"]
+        finally:
+            await rt.close()

@@ -13,11 +13,22 @@
 - An endpoint that has failed without a success for ``ATELIER_WEBHOOK_DISABLE_AFTER_SECONDS``
   is disabled with the reason; deliveries still pending for a disabled endpoint end ``dead``
   without being sent (``POST .../recover`` resends them once it is enabled again).
+- Fairness (``orchestrator.store.webhook_gates``): an attempt goes only if its destination has fewer
+  than ``ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY`` attempts in flight, its tenant fewer than
+  ``ATELIER_WEBHOOK_TENANT_CONCURRENCY``, and the destination's circuit is not open (it opens after
+  ``ATELIER_WEBHOOK_CIRCUIT_FAILURES`` failures in a row; after the cool-down one probe at a time).
+  Otherwise the delivery is parked outside the queue, not counted as an attempt, and queued again
+  by ``dispatch_parked`` when it may go; so one tenant's dead endpoints hold no worker and stand in
+  front of nobody. A delivery whose destination has failed for longer than the disable period ends
+  ``dead`` without another attempt.
+- Each attempt is queued once: the arq id carries the attempt number and a run whose number is not
+  the delivery's next attempt does nothing (a duplicate queued by the sweeper, or a late retry).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -27,12 +38,13 @@ from typing import Any
 
 import httpx
 
-from orchestrator.domain.webhooks import Delivery
+from orchestrator.domain.webhooks import Delivery, Endpoint, destination
 from orchestrator.infra import metrics
 from orchestrator.infra.destinations import DestinationRefused
 from orchestrator.infra.logs import redact_url
 from orchestrator.services.runtime import Runtime
 from orchestrator.store.tenants import webhook_secret
+from orchestrator.store.webhook_gates import Gate
 from orchestrator.wire.jobs import utcnow
 from orchestrator.wire.signing import sign
 from orchestrator.wire.webhooks import Attempt
@@ -93,11 +105,17 @@ async def post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[s
     return out
 
 
-async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
+FULL_WAIT_MS = (50, 250)  # a destination or tenant at its cap: look again this soon (ms, random)
+DISPATCH_INTERVAL = 0.1
+
+
+async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | None = None) -> None:
     rt: Runtime = ctx["rt"]
     delivery = await rt.store.get_delivery(delivery_id)
     if delivery is None or delivery.status != "pending":
         return
+    if attempt is not None and attempt != len(delivery.attempts):
+        return  # not this delivery's next attempt: a duplicate entry, or one already made
     endpoints = rt.endpoints
     endpoint = None
     if delivery.endpoint_id:
@@ -114,6 +132,65 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
         secrets = endpoint.signing_secrets()
     else:
         secrets = [await webhook_secret(rt.redis, delivery.tenant)]
+    dest = destination(delivery)
+    now_ms = int(time.time() * 1000)
+    gate = await rt.webhook_gates.acquire(dest, delivery.tenant, delivery.id, now_ms)
+    if gate.verdict == "busy":
+        return  # another worker is making this very attempt
+    if gate.verdict != "go":
+        await _hold_back(rt, delivery, gate, now_ms)
+        return
+    out = Outcome(error="the attempt was interrupted")
+    try:
+        out = await _attempt(ctx, rt, delivery, secrets)
+    finally:  # free the holds even when the attempt is cut short (else their leases end them)
+        opened = await rt.webhook_gates.outcome(dest, delivery.tenant, delivery.id, int(time.time() * 1000),
+                                                ok=out.ok)
+    if opened:
+        log.info("webhook destination of %s failing: circuit open for %.1f s", redact_url(delivery.url),
+                 (opened - time.time() * 1000) / 1000, extra=await _log_extra(rt, delivery, "webhook.circuit_open"))
+    await _record(rt, delivery, endpoint, out)
+
+
+async def _hold_back(rt: Runtime, delivery: Delivery, gate: Gate, now_ms: int) -> None:
+    """Park a delivery its destination cannot take now, or end it if the destination has failed for
+    longer than an endpoint may before it is disabled."""
+    failing_ms = now_ms - gate.failing_since_ms if gate.failing_since_ms else 0
+    if gate.verdict == "open" and failing_ms > rt.settings.webhook_disable_after_seconds * 1000:
+        delivery.status = "dead"
+        delivery.note = f"not sent: its destination has failed continuously for {failing_ms // 1000} s"
+        await rt.store.save_delivery(delivery)
+        metrics.webhook_attempt("dead", 0.0)
+        return
+    if gate.verdict == "open":  # spread the wake-ups over a cool-down, not all at its end
+        wait = gate.wait_ms + random.randint(0, max(gate.wait_ms, 1000))
+    else:
+        wait = random.randint(*FULL_WAIT_MS)
+    await rt.webhook_gates.park(delivery.id, len(delivery.attempts), now_ms + wait)
+    metrics.webhook_parked(gate.verdict)
+
+
+async def dispatch_parked(rt: Runtime, stop: asyncio.Event) -> None:
+    """Queue parked deliveries again when they are due (runs beside the webhook worker). One still
+    queued (the run that parked it has not finished) is parked a moment more."""
+    while not stop.is_set():
+        taken = 0
+        try:
+            now_ms = int(time.time() * 1000)
+            due = await rt.webhook_gates.take_parked(now_ms)
+            taken = len(due)
+            for (delivery_id, attempt), added in zip(due, await rt.queue.deliver_many(due), strict=True):
+                if not added:
+                    await rt.webhook_gates.park(delivery_id, attempt, now_ms + 100)
+        except Exception:  # noqa: BLE001 - Redis away: the loop goes on; the sweeper rescues what is lost
+            log.exception("dispatching parked webhook deliveries failed", extra={"event": "webhook.dispatch_failed"})
+            await asyncio.sleep(1.0)
+        if taken < 1000:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), DISPATCH_INTERVAL)
+
+
+async def _attempt(ctx: dict[str, Any], rt: Runtime, delivery: Delivery, secrets: list[str]) -> Outcome:
     body = delivery.payload.encode()
     timestamp = int(time.time())
     headers = {
@@ -123,7 +200,12 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
         "webhook-timestamp": str(timestamp),
         "webhook-signature": " ".join(sign(s, delivery.id, timestamp, body) for s in secrets),
     }
-    out = await post(ctx["webhook_http"], delivery.url, body, headers, rt.settings.webhook_timeout_seconds)
+    return await post(ctx["webhook_http"], delivery.url, body, headers, rt.settings.webhook_timeout_seconds)
+
+
+async def _record(rt: Runtime, delivery: Delivery, endpoint: Endpoint | None, out: Outcome) -> None:
+    """Record an attempt; schedule the next one, or end the delivery."""
+    endpoints = rt.endpoints
     delivery.attempts.append(Attempt(at=utcnow(), status_code=out.status_code, latency_ms=out.latency_ms,
                                      error=out.error, response_excerpt=out.excerpt))
     schedule = rt.settings.retry_schedule

@@ -88,6 +88,8 @@ async def run(settings: Settings, *, queues: Sequence[str] = ("jobs", "webhooks"
     poller_stop = asyncio.Event()
     if poller is not None:
         runs.append(asyncio.create_task(poller.run(poller_stop)))
+    if "webhooks" in queues:
+        runs.append(asyncio.create_task(delivery.dispatch_parked(rt, poller_stop)))
     log.info("worker started on %s", ", ".join(w.queue_name for w in workers), extra={"event": "worker.started"})
     servers = contextlib.AsyncExitStack()
     try:

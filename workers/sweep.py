@@ -10,7 +10,7 @@ from typing import Any
 from orchestrator.infra import metrics
 from orchestrator.services.runtime import Runtime
 from orchestrator.store.jobs import Conflict
-from orchestrator.wire.jobs import TERMINAL, JobStatus, utcnow
+from orchestrator.wire.jobs import TERMINAL, JobStatus
 from workers.context import runtime_of
 from workers.path import Reentry, submit_again
 from workers.poll import schedule_poll
@@ -53,17 +53,7 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
                 continue
             await schedule_poll(rt, provider, job, 0)
         rescued += 1
-    redelivered = 0
-    for delivery_id in await rt.store.overdue_deliveries(now - grace):
-        delivery = await rt.store.get_delivery(delivery_id)
-        if delivery is None or delivery.status != "pending":
-            await rt.store.forget_due_delivery(delivery_id)
-            continue
-        # A fresh arq id: the lost entry's id may still be reserved by a dead worker's lease.
-        await rt.queue.deliver(delivery.id, len(delivery.attempts) * 1000 + int(now) % 1000)
-        delivery.next_attempt_at = utcnow()
-        await rt.store.save_delivery(delivery)
-        redelivered += 1
+    redelivered = await _rescue_deliveries(rt, now, grace)
     redelivered += await rt.batches.events.sweep(now - grace)
     rescued += await _repair_slots(rt)
     await rt.reaper.reap(now)
@@ -72,6 +62,29 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         log.info("sweep re-scheduled %d jobs and %d webhook deliveries", rescued, redelivered,
                  extra={"event": "sweep.rescued"})
     return {"jobs": rescued, "deliveries": redelivered}
+
+
+async def _rescue_deliveries(rt: Runtime, now: float, grace: float) -> int:
+    """Queue again the pending deliveries whose attempt is overdue and in no queue: neither parked nor
+    waiting or running in arq (a lost entry). One that is merely late (a long queue, a slow receiver)
+    is left where it is and looked at again after the grace period: each attempt is queued once."""
+    pending = []
+    for delivery_id in await rt.store.overdue_deliveries(now - grace):
+        delivery = await rt.store.get_delivery(delivery_id)
+        if delivery is None or delivery.status != "pending":
+            await rt.store.forget_due_delivery(delivery_id)
+        else:
+            pending.append(delivery)
+    pairs = [(d.id, len(d.attempts)) for d in pending]
+    rescued = 0
+    for pair, waiting in zip(pairs, await rt.webhook_gates.waiting(pairs), strict=True):
+        if not waiting:
+            # The attempt's own arq id: a dead worker's lease on it only delays it (arq retries it).
+            await rt.queue.deliver(*pair)
+            rescued += 1
+        # Only the due time moves (the record is the attempt's to write): looked at again after the grace.
+        await rt.store.touch_due_delivery(pair[0], now)
+    return rescued
 
 
 async def _repair_slots(rt: Runtime) -> int:

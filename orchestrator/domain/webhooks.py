@@ -11,10 +11,12 @@ filter takes it (an empty filter takes every event). Each endpoint signs with it
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field
 
@@ -52,6 +54,16 @@ class Delivery(BaseModel):
     note: str | None = None
     next_attempt_at: datetime = Field(default_factory=utcnow)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+def destination(delivery: Delivery) -> str:
+    """Where a delivery goes, for fairness and circuit breaking: its registered endpoint, or the origin
+    of a job's or batch's own ``webhook_url`` *per tenant* (one tenant cannot open another's circuit)."""
+    if delivery.endpoint_id:
+        return f"ep:{delivery.endpoint_id}"
+    parts = urlsplit(delivery.url)
+    origin = f"{parts.scheme}://{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    return "url:" + hashlib.sha256(f"{delivery.tenant}\n{origin}".encode()).hexdigest()[:24]
 
 
 def job_event_payload(event_type: str, view: JobView) -> str:

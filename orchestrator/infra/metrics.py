@@ -102,6 +102,9 @@ KEYS_OUT = Gauge("atelier_provider_key_out_of_pool",
                  ["provider", "key_id", "reason"])
 
 WEBHOOK_DELIVERIES = Counter("atelier_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
+WEBHOOK_PARKED = Counter("atelier_webhook_deliveries_parked",
+                         "Deliveries held back: their destination's circuit was open, or it or its tenant "
+                         "had as many attempts in flight as allowed", ["reason"])
 WEBHOOK_SECONDS = Histogram("atelier_webhook_delivery_seconds", "Latency of webhook delivery attempts",
                             ["outcome"], buckets=WEBHOOK_BUCKETS)
 CALLBACKS_FAILED = Counter("atelier_callback_verifications_failed", "Provider callbacks that failed verification",
@@ -259,6 +262,10 @@ def provider_keys(counts: Mapping[str, int]) -> None:
 def webhook_attempt(outcome: str, seconds: float) -> None:
     WEBHOOK_DELIVERIES.labels(outcome).inc()
     WEBHOOK_SECONDS.labels(outcome).observe(seconds)
+
+
+def webhook_parked(reason: str) -> None:
+    WEBHOOK_PARKED.labels({"open": "circuit_open"}.get(reason, "at_capacity")).inc()
 
 
 def callback_failed(provider: str, reason: str) -> None:

@@ -27,6 +27,7 @@ from orchestrator.store.polls import PollBoard
 from orchestrator.store.queue import Queue, connect
 from orchestrator.store.tenants import shared_secret
 from orchestrator.store.throttle import Limits, Throttle
+from orchestrator.store.webhook_gates import CircuitRules, WebhookGates
 from providers.registry import Registry
 
 KEEPALIVE = 8  # idle connections kept per HTTP pool
@@ -50,6 +51,7 @@ class Runtime:
     throttle: Throttle
     polls: PollBoard
     reaper: Reaper
+    webhook_gates: WebhookGates
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
@@ -88,7 +90,14 @@ class Runtime:
                    registry=registry, jobs=jobs, batches=Batches(jobs, events), endpoints=endpoints, slots=slots,
                    http=client(200), provider_http={name: client(100) for name in registry.providers},
                    media_http=webhook_client(settings.http_timeout_seconds, settings.allow_private_fetches),
-                   throttle=throttle, polls=polls, reaper=Reaper(store, batch_store, storage))
+                   throttle=throttle, polls=polls, reaper=Reaper(store, batch_store, storage),
+                   webhook_gates=WebhookGates(redis, CircuitRules(
+                       endpoint_concurrency=settings.webhook_endpoint_concurrency,
+                       tenant_concurrency=settings.webhook_tenant_concurrency,
+                       failures_to_open=settings.webhook_circuit_failures,
+                       cooldown_ms=int(settings.webhook_circuit_cooldown_seconds * 1000),
+                       max_cooldown_ms=int(settings.webhook_circuit_max_cooldown_seconds * 1000),
+                       lease_ms=int((settings.webhook_timeout_seconds + 5) * 1000))))
 
     def http_for(self, provider: str) -> httpx.AsyncClient:
         """The client for ``provider``'s API."""

@@ -386,6 +386,10 @@ class JobStore:
         """Drop a delivery that is no longer pending (or gone) from the due set."""
         await self.redis.zrem(self.DELIVERIES_DUE, delivery_id)
 
+    async def touch_due_delivery(self, delivery_id: str, due: float) -> None:
+        """Move a pending delivery's due time (if it is still due at all)."""
+        await self.redis.zadd(self.DELIVERIES_DUE, {delivery_id: ms(due)}, xx=True)
+
     async def overdue_deliveries(self, now: float, limit: int = 500) -> list[str]:
         ids = await self.redis.zrangebyscore(self.DELIVERIES_DUE, "-inf", ms(now), start=0, num=limit)
         return [i.decode() if isinstance(i, bytes) else i for i in ids]

@@ -90,6 +90,22 @@ BATCHES_FINISHED = f"{P}wh:due:batches"
 DELIVERY_PREFIX = f"{P}wh:"
 
 
+# Deliveries held back (their destination's circuit is open or its attempts are at their cap), as
+# "{delivery id}:{attempt}" scored by when to queue them again (ms).
+DELIVERIES_PARKED = f"{P}whq:parked"
+
+
+def webhook_destination(destination: str, part: str) -> str:
+    """A webhook destination's ``inflight`` attempts (zset of leases) or ``circuit`` (hash:
+    ``failures``, ``failing_since``, ``open_until``)."""
+    return f"{P}whq:dest:{destination}:{part}"
+
+
+def webhook_tenant_inflight(tenant: str) -> str:
+    """Zset: the tenant's delivery attempts in flight (leases, ms)."""
+    return f"{P}whq:tenant:{tenant}:inflight"
+
+
 def delivery(delivery_id: str) -> str:
     """A webhook delivery (JSON)."""
     return f"{DELIVERY_PREFIX}{delivery_id}"

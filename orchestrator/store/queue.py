@@ -2,7 +2,8 @@
 
 Kept small on purpose (arq is in maintenance mode; saq or streaq could replace
 it here). Every enqueue carries a ``_job_id`` that makes duplicates no-ops:
-``submit:{job}:{attempt}``, ``collect:{job}:{n}``, ``wh:{delivery}:{attempt}``.
+``submit:{job}:{attempt}``, ``collect:{job}:{n}``, ``wh:{delivery}:{attempt}`` (``attempt``: the
+attempts made before it, so a delivery's attempt is queued once however often it is looked at).
 Polls are not queue entries: they wait on the poll boards (``orchestrator/polls.py``).
 Payloads are JSON, never pickle: Redis content must not be able to run code in a worker.
 """
@@ -31,6 +32,11 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
+
+
+def delivery_job_id(delivery_id: str, attempt: int) -> str:
+    """The arq id of a delivery's attempt: one queue entry per attempt, however often it is queued."""
+    return f"wh:{delivery_id}:{attempt}"
 
 
 def dumps(obj: Any) -> bytes:
@@ -155,8 +161,23 @@ class Queue:
         return await self._enqueue("cancel_at_provider", f"cancel:{job_id}", self.jobs_queue, 0, job_id)
 
     async def deliver(self, delivery_id: str, attempt: int, defer: float = 0) -> bool:
-        return await self._enqueue("deliver_webhook", f"wh:{delivery_id}:{attempt}", self.webhooks_queue,
-                                   defer, delivery_id)
+        """Queue attempt ``attempt`` (the count of attempts made so far) unless it is queued already."""
+        return await self._enqueue("deliver_webhook", delivery_job_id(delivery_id, attempt), self.webhooks_queue,
+                                   defer, delivery_id, attempt)
+
+    async def deliver_many(self, pairs: Sequence[tuple[str, int]]) -> list[bool]:
+        """Queue many ``(delivery id, attempt)`` now, in one pipeline; ``False`` where already queued."""
+        if not pairs:
+            return []
+        now = int(time.time() * 1000)
+        pipe = self.arq.pipeline(transaction=False)
+        for delivery_id, attempt in pairs:
+            arq_id = delivery_job_id(delivery_id, attempt)
+            payload = serialize_job("deliver_webhook", (delivery_id, attempt), {}, None, now, serializer=dumps)
+            await self._enqueue_if_absent(
+                keys=[job_key_prefix + arq_id, self.webhooks_queue, result_key_prefix + arq_id],
+                args=[payload, expires_extra_ms, now, arq_id], client=pipe)
+        return [bool(r) for r in await pipe.execute()]
 
     async def depth(self) -> dict[str, int]:
         return {q: int(await self.arq.zcard(q)) for q in (self.jobs_queue, self.webhooks_queue)}
