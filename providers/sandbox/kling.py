@@ -91,7 +91,8 @@ reference ``image``, UNCONFIRMED), ``try_on_external_task_id`` (True; False: try
 ``external_task_id``, whose support is UNCONFIRMED).
 
 All keys belong to one simulated account: tasks, ``external_task_id`` uniqueness and the
-concurrency count are shared by every key.
+concurrency count are shared by every key. Each task keeps its create body as received in
+``task.data["body"]`` (for tests).
 """
 
 from __future__ import annotations
@@ -480,7 +481,8 @@ class KlingSimulator(Simulator):
             run_seconds=float(d.get("run") or self.config.run_seconds),
             outcome=outcome,
             input=plan.input,
-            data={"family": family, "units": plan.units},
+            # The create body as received (for tests to check what a client sent).
+            data={"family": family, "units": plan.units, "body": body},
         )
         if family in IMAGE_FAMILIES:
             task.data["images"] = plan.images
