@@ -33,17 +33,97 @@ so clients send the same request either way (models and option names are transla
 
 Outputs: a task yields several clips (usually two). Each clip gives its audio, then its cover
 image where there is one; both carry ``clip_id`` and ``title``, the audio also ``duration``,
-``tags``, ``model``, ``lyrics``, ``created_at``.
+``tags``, ``model``, ``lyrics``, ``created_at``. While polling, the adapter keeps in its task
+state the clip id of each output (``output_clips``, in output order) and each clip's seconds
+(``clip_seconds``): a follow-up's ``source.output`` picks the clip (an audio or its cover name the
+same clip; the output's ``clip_id`` metadata is the fallback for older records).
 
 Input: ``prompt`` is the song description (non-custom mode) or the lyrics (custom mode);
 custom mode is ``options.customMode`` (alias ``custom_mode``), implied by a ``style``/``tags``
 or ``title`` option. Options (either flavour's name): ``style``/``tags``, ``title``,
 ``instrumental``/``make_instrumental``; sunoapi only: ``negativeTags`` (also from
 ``negative_prompt``), ``vocalGender``, ``styleWeight``, ``weirdnessConstraint``, ``audioWeight``,
-``personaId``, ``personaModel``; gateway only: ``continue_at``, ``continue_clip_id``,
-``task_id``. ``model`` is the gateway's ``mv`` (``chirp-v4``...) or sunoapi's ``model``
-(``V4``, ``V4_5``...); the known pairs translate both ways. ``image_url``,
-``duration_seconds``, ``aspect_ratio``, ``resolution``, ``seed`` and ``num_outputs`` are refused.
+``personaId``/``persona_id``, ``personaModel``/``persona_model`` (custom mode only, as the docs say;
+the id comes from a ``persona`` job); gateway only: ``continue_at``, ``continue_clip_id``,
+``task_id`` (raw continuation fields; the ``extend`` operation sets them from a source). ``model``
+is the gateway's ``mv`` (``chirp-v4``...) or sunoapi's ``model`` (``V4``, ``V4_5``...); the known
+pairs translate both ways. ``image_url``, ``duration_seconds``, ``aspect_ratio``, ``resolution``,
+``seed`` and ``num_outputs`` are refused, and so is a ``source`` on ``generate``.
+
+Follow-ups (``Provider.operations`` depends on the flavour, so it is per instance). ``source`` is a
+succeeded Suno song job of the same flavour (same key: the worker submits with the source's key);
+its ``source.output`` picks the clip. Everything is checked at acceptance (422 naming the field).
+
+==========  ============================================  ==============================================
+operation   gateway (new-api + Suno-API)                  sunoapi (sunoapi.org and clones)
+==========  ============================================  ==============================================
+extend      POST /suno/submit/music, custom mode:         POST /api/v1/generate/extend {defaultParamFlag,
+            {mv, make_instrumental, prompt, tags, title,  audioId, continueAt, model, prompt, style,
+            continue_at, continue_clip_id, task_id}       title, negativeTags, ..., personaId,
+            -> a MUSIC task (clips)                       callBackUrl} -> polled at generate/record-info
+lyrics      POST /suno/submit/lyrics {prompt} -> a        POST /api/v1/lyrics {prompt, callBackUrl};
+            LYRICS task, data ``{id,status,title,text}``  GET /api/v1/lyrics/record-info
+                                                          (``response.lyricsData[{text,title,status}]``)
+wav         not offered (new-api serves only MUSIC and    POST /api/v1/wav/generate {taskId, audioId,
+            LYRICS: ``invalid_action``)                   callBackUrl}; GET /api/v1/wav/record-info
+                                                          (``successFlag``, ``response.audioWavUrl``)
+persona     not offered                                   POST /api/v1/generate/generate-persona
+                                                          {taskId, audioId, name, description, [style,
+                                                          vocalStart, vocalEnd]} -> ``data.personaId``
+                                                          at once (no task to poll)
+concat      not offered (``invalid_action``)              not offered (no documented endpoint)
+==========  ============================================  ==============================================
+
+* ``extend``: ``options.continue_at`` (seconds, alias ``continueAt``) is required, > 0 and before
+  the end of the source clip (its ``duration``). Gateway: always custom mode, because Suno-API
+  forwards ``continue_at``/``continue_clip_id`` only when there is no ``gpt_description_prompt``,
+  and refuses a continuation without ``task_id``; the lyrics of the continuation are the
+  ``prompt`` (required unless instrumental); ``continue_clip_id``/``task_id`` options are refused
+  (the source names them). sunoapi: ``defaultParamFlag`` is whether custom parameters are given
+  (``customMode``, or ``style``/``title``): then ``prompt``, ``style`` and ``title`` are required
+  (generate's custom limits per model); without them only ``continue_at`` is taken and the
+  source's own parameters are used; no ``instrumental`` field; the model must be the source's
+  ("Model version must be consistent with the source music").
+* ``lyrics``: no source; only ``input.prompt`` (required; sunoapi: at most 200 words,
+  ``extra["lyrics_prompt_max_words"]``, 0 for none); ``model`` is checked but not sent. Each
+  complete variation is one ``text/plain`` output (an inline ``data:`` URL; its ``title`` in the
+  metadata). sunoapi lyrics statuses: ``PENDING``; ``SUCCESS``; ``CREATE_TASK_FAILED``,
+  ``GENERATE_LYRICS_FAILED``, ``SENSITIVE_WORD_ERROR`` failed; ``CALLBACK_EXCEPTION`` succeeded
+  when there are lyrics.
+* ``wav``: no input; one ``audio/wav`` output (``clip_id`` from ``musicId``). Statuses
+  ``PENDING``; ``SUCCESS``; ``CREATE_TASK_FAILED``, ``GENERATE_WAV_FAILED`` failed;
+  ``CALLBACK_EXCEPTION`` succeeded when the URL is there. 409 "WAV record already exists" is a
+  refusal.
+* ``persona``: ``options.name`` and ``options.description`` required; ``style``, ``vocalStart``,
+  ``vocalEnd`` optional (window 10-30 s inside the clip). The create call answers with the
+  persona, so the job is done at once: one ``text/plain`` output holding the ``personaId`` (metadata
+  ``persona_id``, ``name``, ``description``, ``clip_id``), for ``options.persona_id`` of a later
+  custom-mode ``generate`` or ``extend``. Its task id is the job id (there is no task).
+
+Sources: the reference (shared/providers replicate-fal-suno-gateways.md §3(a), §3(b));
+Suno-API/Suno-API ``api.go`` (``submitGenSong`` continuation fields, ``submitGenLyrics``) and
+``entity/po/task_data.go`` (``SunoLyrics``); new-api's ``actionValidate`` (reference §3(a): MUSIC and
+LYRICS only, anything else ``invalid_action``); docs.sunoapi.org/suno-api/extend-music,
+docs.api.box/suno-api/extend-music, docs.apikley.ru/suno-api/suno-api_extend-music,
+docs.sunoapi.org/suno-api/get-music-generation-details and
+docs.aibackend.io/suno/get-music-generation-details (operation types generate/extend/...);
+docs.sunoapi.org/suno-api/generate-lyrics (and /cn/), .../get-lyrics-generation-details,
+.../generate-lyrics-callbacks; docs.sunoapi.org/suno-api/convert-to-wav-format,
+.../get-wav-conversion-details (and /cn/), docs.kie.ai/cn/suno-api/get-wav-details,
+docs.api.box/suno-api/convert-to-wav-format (409); docs.sunoapi.org/suno-api/generate-persona,
+docs.apikley.ru/suno-api/suno-api_generate-persona, docs.kie.ai/cn/suno-api/generate-persona
+(vocalStart/vocalEnd/style).
+
+UNCONFIRMED: whether sunoapi honours ``continueAt`` with ``defaultParamFlag`` false (sent anyway);
+whether new-api maps its public ``task_...`` id in ``task_id`` to the upstream id (Suno-API only
+checks it is not empty); the lyrics prompt limit's unit (the zh page says 200 字, the English pages
+"~200 words": configurable); the WAV record's field names (new pages ``successFlag`` +
+``response.audioWavUrl``, an older page ``status`` + ``response.audio_wav_url``: both read); the
+lyrics record's list (``response.lyricsData`` on the record page, ``data`` in the callback and in
+some clones: both read);
+generate-persona's answer (``data.personaId``/``name``/``description`` per client code, not shown on
+the docs pages) and its ``vocalStart``/``vocalEnd``/``style`` fields (kie.ai only); whether
+``callBackUrl``, "required" on the follow-up endpoints, is enforced (sent whenever Atelier has one).
 
 Traps: neither flavour can list tasks, so an ambiguous submission cannot be reconciled (the job
 fails with ``provider_outcome_unknown``). A gateway task error means the gateway kept no task and
@@ -53,6 +133,7 @@ retry; a 5xx without the envelope (a proxy in front) is not.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -61,6 +142,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httpx
+from pydantic import ValidationError
 
 from providers.contract import (
     CallbackHint,
@@ -68,6 +150,7 @@ from providers.contract import (
     GenerationRequest,
     MediaInput,
     MediaKind,
+    Operation,
     Provider,
     ProviderOutput,
     ProviderSettings,
@@ -121,7 +204,6 @@ _SUNOAPI_STATES: dict[str, ProviderState] = {
     "SENSITIVE_WORD_ERROR": "failed",
 }
 _CALLBACK_STAGES = {"text": "TEXT_SUCCESS", "first": "FIRST_SUCCESS", "complete": "SUCCESS"}
-
 # -- input -----------------------------------------------------------------------------------
 
 # Accepted option name -> (canonical name, type). Both flavours' spellings are accepted.
@@ -135,22 +217,29 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "styleWeight": ("style_weight", "weight"),
     "weirdnessConstraint": ("weirdness", "weight"),
     "audioWeight": ("audio_weight", "weight"),
-    "personaId": ("persona_id", "str"),
-    "personaModel": ("persona_model", "persona"),
-    "continue_at": ("continue_at", "seconds"),
+    "personaId": ("persona_id", "str"), "persona_id": ("persona_id", "str"),
+    "personaModel": ("persona_model", "persona"), "persona_model": ("persona_model", "persona"),
+    "continue_at": ("continue_at", "seconds"), "continueAt": ("continue_at", "seconds"),
     "continue_clip_id": ("continue_clip_id", "str"),
     "task_id": ("task_id", "str"),
 }
-_BOTH = {"custom", "instrumental", "style", "title"}
-_ONLY = {
-    "sunoapi": {"negative_tags", "vocal_gender", "style_weight", "weirdness", "audio_weight", "persona_id",
-                "persona_model"},
-    "gateway": {"continue_at", "continue_clip_id", "task_id"},
+_BOTH = frozenset({"custom", "instrumental", "style", "title"})
+_SUNOAPI_EXTRAS = frozenset({"negative_tags", "vocal_gender", "style_weight", "weirdness", "audio_weight",
+                             "persona_id", "persona_model"})
+# The canonical options each flavour takes per operation.
+_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
+    ("gateway", "generate"): _BOTH | {"continue_at", "continue_clip_id", "task_id"},
+    ("sunoapi", "generate"): _BOTH | _SUNOAPI_EXTRAS,
+    # Suno-API forwards a continuation only in custom mode; the source names the clip and the task.
+    ("gateway", "extend"): _BOTH | {"continue_at"},
+    # ``POST /api/v1/generate/extend`` has no ``instrumental`` field.
+    ("sunoapi", "extend"): frozenset({"custom", "style", "title", "continue_at"}) | _SUNOAPI_EXTRAS,
 }
 # Set elsewhere in the request, not in options.
 _ELSEWHERE = {"prompt": "input.prompt", "gpt_description_prompt": "input.prompt", "mv": "model",
               "model": "model", "callBackUrl": "Atelier (the per-job callback URL)",
-              "negative_prompt": "input.negative_prompt"}
+              "negative_prompt": "input.negative_prompt", "audioId": "source.job_id and source.output",
+              "defaultParamFlag": "options.customMode"}
 # Canonical name -> sunoapi body field.
 _SUNOAPI_FIELDS = {"style": "style", "title": "title", "negative_tags": "negativeTags",
                    "vocal_gender": "vocalGender", "style_weight": "styleWeight",
@@ -164,6 +253,16 @@ _UNSUPPORTED = {
     "seed": "Suno takes no seed",
     "num_outputs": "Suno renders a fixed number of clips per task (usually two)",
 }
+# persona: option name -> (body field, type).
+_PERSONA_OPTIONS: dict[str, tuple[str, str]] = {
+    "name": ("name", "str"), "description": ("description", "str"), "style": ("style", "str"),
+    "vocalStart": ("vocalStart", "seconds"), "vocal_start": ("vocalStart", "seconds"),
+    "vocalEnd": ("vocalEnd", "seconds"), "vocal_end": ("vocalEnd", "seconds"),
+}
+# kie.ai's generate-persona page: vocalEnd - vocalStart within 10-30 s, defaults 0 and 30 (UNCONFIRMED
+# for sunoapi.org, whose page lists only taskId, audioId, name and description).
+PERSONA_WINDOW = (10.0, 30.0)
+LYRICS_PROMPT_WORDS = 200  # sunoapi.org: "最大字数限制为200字" (200 words or characters: UNCONFIRMED)
 
 
 @dataclass
@@ -179,11 +278,12 @@ class SunoParams:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-def suno_params(flavor: str, job_input: MediaInput, model: str) -> SunoParams:
-    """Validate ``job_input``/``model`` for ``flavor``; raises ``InvalidInput`` naming the field."""
-    for name, why in _UNSUPPORTED.items():
-        if getattr(job_input, name) is not None:
-            raise InvalidInput(f"input.{name}", f"not supported by Suno: {why}")
+def suno_params(flavor: str, job_input: MediaInput, model: str, operation: str = "generate") -> SunoParams:
+    """Validate ``job_input``/``model`` of a ``generate`` or ``extend`` for ``flavor``; raises
+    ``InvalidInput`` naming the field."""
+    _refuse_common(job_input, set(), operation)
+    allowed = _ALLOWED[flavor, operation]
+    flavour_wide = _ALLOWED[flavor, "generate"] | _ALLOWED[flavor, "extend"]
     values: dict[str, Any] = {}
     fields: dict[str, str] = {}
     for key, value in job_input.options.items():
@@ -191,10 +291,16 @@ def suno_params(flavor: str, job_input: MediaInput, model: str) -> SunoParams:
         if key in _ELSEWHERE:
             raise InvalidInput(where, f"set this with {_ELSEWHERE[key]}, not in options")
         if key not in _OPTIONS:
-            allowed = sorted(k for k, (c, _) in _OPTIONS.items() if c in _BOTH | _ONLY[flavor])
-            raise InvalidInput(where, f"not a Suno option here ({flavor} flavour); options: {', '.join(allowed)}")
+            names = sorted(k for k, (c, _) in _OPTIONS.items() if c in allowed)
+            what = "option here" if operation == "generate" else f"{operation} option"
+            raise InvalidInput(where, f"not a Suno {what} ({flavor} flavour); options: {', '.join(names)}")
         canonical, kind = _OPTIONS[key]
-        if canonical not in _BOTH | _ONLY[flavor]:
+        if canonical not in allowed:
+            if operation == "extend" and canonical in ("continue_clip_id", "task_id"):
+                raise InvalidInput(where, "extend continues the source's clip: source.job_id and source.output "
+                                          "name it")
+            if canonical in flavour_wide:
+                raise InvalidInput(where, f"not used by {operation} in the Suno {flavor} flavour")
             raise InvalidInput(where, f"not supported by the configured Suno flavour ({flavor})")
         if canonical in fields:
             raise InvalidInput(where, f"give either {fields[canonical].rsplit('.', 1)[-1]} or {key}, not both")
@@ -208,15 +314,42 @@ def suno_params(flavor: str, job_input: MediaInput, model: str) -> SunoParams:
         values["negative_tags"] = job_input.negative_prompt
         fields["negative_tags"] = "input.negative_prompt"
     custom = values.pop("custom", None)
+    if operation == "extend" and flavor == "gateway":
+        if custom is False:
+            raise InvalidInput(fields["custom"], "the gateway continues a clip only in custom mode (lyrics in "
+                                                 "input.prompt, options.tags and title)")
+        custom = True
     if custom is None:
         custom = "style" in values or "title" in values
     params = SunoParams(model=_model(flavor, model), prompt=job_input.prompt or "", custom=custom,
                         instrumental=values.pop("instrumental", False), values=values, fields=fields)
-    if flavor == "sunoapi":
+    if operation == "extend":
+        if "continue_at" not in params.values:
+            raise InvalidInput("input.options.continue_at", "extend needs continue_at: the second of the source "
+                                                            "clip to continue from")
+        if flavor == "sunoapi":
+            _check_sunoapi_extend(params)
+        elif not params.prompt and not params.instrumental:
+            raise InvalidInput("input.prompt", "the lyrics of the continuation (prompt) are required unless "
+                                               "options.instrumental")
+    elif flavor == "sunoapi":
         _check_sunoapi(params)
     else:
         _check_gateway(params)
     return params
+
+
+def _refuse_common(job_input: MediaInput, allowed: set[str], operation: str) -> None:
+    """The common fields Suno never takes (and, for the follow-ups, those the operation does not)."""
+    for name in _UNSUPPORTED:
+        if getattr(job_input, name) is not None:
+            raise InvalidInput(f"input.{name}", f"not supported by Suno: {_UNSUPPORTED[name]}")
+    if operation in ("generate", "extend"):
+        return
+    for name in ("prompt", "negative_prompt"):
+        if getattr(job_input, name) is not None and name not in allowed:
+            hint = " (give options.name and options.description)" if operation == "persona" else ""
+            raise InvalidInput(f"input.{name}", f"{operation} takes no {name.replace('_', ' ')}{hint}")
 
 
 def _checked(where: str, kind: str, value: Any) -> Any:
@@ -253,6 +386,18 @@ def _model(flavor: str, model: str) -> str:
     return mv
 
 
+def _check_custom_limits(p: SunoParams) -> None:
+    """sunoapi.org's per-model limits of custom mode (generate and extend)."""
+    v4 = p.model == "V4"
+    limits = (("prompt", 3000 if v4 else 5000), ("style", 200 if v4 else 1000),
+              ("title", 80 if p.model in ("V4", "V4_5ALL") else 100))
+    for name, limit in limits:
+        text = p.prompt if name == "prompt" else p.values[name]
+        if len(text) > limit:
+            where = "input.prompt" if name == "prompt" else p.fields[name]
+            raise InvalidInput(where, f"at most {limit} characters with model {p.model} ({len(text)} given)")
+
+
 def _check_sunoapi(p: SunoParams) -> None:
     """sunoapi.org's documented rules for ``POST /api/v1/generate``."""
     if p.custom:
@@ -261,14 +406,7 @@ def _check_sunoapi(p: SunoParams) -> None:
                 raise InvalidInput(f"input.options.{name}", f"{name} is required in custom mode")
         if not p.prompt and not p.instrumental:
             raise InvalidInput("input.prompt", "the lyrics (prompt) are required in custom mode unless instrumental")
-        v4 = p.model == "V4"
-        limits = (("prompt", 3000 if v4 else 5000), ("style", 200 if v4 else 1000),
-                  ("title", 80 if p.model in ("V4", "V4_5ALL") else 100))
-        for name, limit in limits:
-            text = p.prompt if name == "prompt" else p.values[name]
-            if len(text) > limit:
-                where = "input.prompt" if name == "prompt" else p.fields[name]
-                raise InvalidInput(where, f"at most {limit} characters with model {p.model} ({len(text)} given)")
+        _check_custom_limits(p)
     else:
         if not p.prompt:
             raise InvalidInput("input.prompt", "a description (prompt) is required")
@@ -278,6 +416,30 @@ def _check_sunoapi(p: SunoParams) -> None:
         for name in p.values:
             raise InvalidInput(p.fields[name], "only used in custom mode (options.customMode true); "
                                                "non-custom mode takes only the prompt and instrumental")
+    if "persona_model" in p.values and "persona_id" not in p.values:
+        raise InvalidInput(p.fields["persona_model"], "personaModel needs personaId")
+
+
+def _check_sunoapi_extend(p: SunoParams) -> None:
+    """``POST /api/v1/generate/extend``: custom parameters (``defaultParamFlag`` true) need prompt,
+    style, title and continueAt; without them the source's own parameters are used."""
+    if p.custom:
+        for name in ("style", "title"):
+            if name not in p.values:
+                raise InvalidInput(f"input.options.{name}", f"{name} is required when extending with custom "
+                                                            "parameters")
+        if not p.prompt:
+            raise InvalidInput("input.prompt", "the lyrics of the continuation (prompt) are required when "
+                                               "extending with custom parameters")
+        _check_custom_limits(p)
+    else:
+        if p.prompt:
+            raise InvalidInput("input.prompt", "extend without custom parameters continues with the source's own "
+                                               "lyrics and style; set options.style and title for new lyrics")
+        for name in p.values:
+            if name != "continue_at":
+                raise InvalidInput(p.fields[name], "only used with custom parameters (options.customMode true, "
+                                                   "with style and title); otherwise the source's are used")
     if "persona_model" in p.values and "persona_id" not in p.values:
         raise InvalidInput(p.fields["persona_model"], "personaModel needs personaId")
 
@@ -327,10 +489,123 @@ def sunoapi_body(p: SunoParams, callback_url: str | None) -> dict[str, Any]:
     return body
 
 
+def sunoapi_extend_body(p: SunoParams, clip_id: str, callback_url: str | None) -> dict[str, Any]:
+    """``POST /api/v1/generate/extend``: ``defaultParamFlag`` is whether custom parameters are given."""
+    body: dict[str, Any] = {"defaultParamFlag": p.custom, "audioId": clip_id,
+                            "continueAt": p.values["continue_at"], "model": p.model}
+    if p.prompt:
+        body["prompt"] = p.prompt
+    for name, wire in _SUNOAPI_FIELDS.items():
+        if name in p.values:
+            body[wire] = p.values[name]
+    if callback_url:
+        body["callBackUrl"] = callback_url
+    return body
+
+
+def lyrics_prompt(flavor: str, job_input: MediaInput, max_words: int = LYRICS_PROMPT_WORDS) -> str:
+    """The prompt of a ``lyrics`` request (nothing else is taken); raises ``InvalidInput``."""
+    _refuse_common(job_input, {"prompt"}, "lyrics")
+    for key in job_input.options:
+        raise InvalidInput(f"input.options.{key}", "lyrics takes only input.prompt (no options)")
+    prompt = (job_input.prompt or "").strip()
+    if not prompt:
+        raise InvalidInput("input.prompt", "lyrics needs a prompt: what the song is about")
+    if flavor == "sunoapi" and max_words and len(prompt.split()) > max_words:
+        raise InvalidInput("input.prompt", f"at most {max_words} words for sunoapi.org's lyrics "
+                                           f"({len(prompt.split())} given)")
+    return job_input.prompt or ""
+
+
+def persona_options(job_input: MediaInput, clip_seconds: float | None) -> dict[str, Any]:
+    """The body fields of ``generate-persona`` from a ``persona`` request's options."""
+    _refuse_common(job_input, set(), "persona")
+    values: dict[str, Any] = {}
+    fields: dict[str, str] = {}
+    for key, value in job_input.options.items():
+        where = f"input.options.{key}"
+        if key not in _PERSONA_OPTIONS:
+            raise InvalidInput(where, "persona takes options name, description, style, vocalStart, vocalEnd")
+        wire, kind = _PERSONA_OPTIONS[key]
+        if wire in values:
+            raise InvalidInput(where, f"give either {fields[wire].rsplit('.', 1)[-1]} or {key}, not both")
+        values[wire] = _checked(where, kind, value)
+        fields[wire] = where
+    for wire in ("name", "description"):
+        if wire not in values:
+            raise InvalidInput(f"input.options.{wire}", f"persona needs a {wire}")
+    if "vocalStart" in values or "vocalEnd" in values:
+        start, end = values.get("vocalStart", 0.0), values.get("vocalEnd", PERSONA_WINDOW[1])
+        where = fields.get("vocalEnd") or fields["vocalStart"]
+        low, high = PERSONA_WINDOW
+        if not low <= end - start <= high:
+            raise InvalidInput(where, f"the vocal window (vocalStart to vocalEnd, defaults 0 and 30) must last "
+                                      f"{low:g} to {high:g} seconds ({end - start:g} given)")
+        if clip_seconds is not None and end > clip_seconds:
+            raise InvalidInput(where, f"the vocal window must lie within the source clip, which lasts "
+                                      f"{clip_seconds:g} s")
+    return values
+
+
+@dataclass(frozen=True)
+class SourceClip:
+    """The clip of a Suno source job a follow-up acts on."""
+
+    task_id: str
+    clip_id: str
+    seconds: float | None
+    model: str
+
+
+def source_clip(flavor: str, request: GenerationRequest) -> SourceClip:
+    """The clip ``source.output`` names (from the clip ids learnt while polling the source, else the
+    output's metadata); raises ``InvalidInput`` naming the field."""
+    op, source = request.operation, request.source
+    if source is None:
+        raise InvalidInput("source", f"{op} acts on a Suno song: give source.job_id")
+    try:
+        state = SunoTask.model_validate(dict(source.state))
+    except ValidationError:
+        state = SunoTask()
+    if state.flavor and state.flavor != flavor:
+        raise InvalidInput("source", f"the source ran through the Suno {state.flavor} flavour; this server "
+                                     f"talks to the {flavor} flavour, which cannot see that task")
+    if (state.action or "music") != "music":
+        raise InvalidInput("source", f"{op} acts on a song; the source job is a Suno {state.action} job")
+    if not source.task_id:
+        raise InvalidInput("source", "the source job has no Suno task")
+    clips = state.output_clips or []
+    clip = clips[source.output_index] if source.output_index < len(clips) else None
+    clip = clip or source.output_metadata.get("clip_id")
+    if not isinstance(clip, str) or not clip:
+        raise InvalidInput("source.output", f"output {source.output_index} of the source job names no Suno clip")
+    seconds = (state.clip_seconds or {}).get(clip)
+    if seconds is None:
+        announced = source.output_metadata.get("duration")
+        if isinstance(announced, int | float) and not isinstance(announced, bool) and announced > 0:
+            seconds = float(announced)
+    return SourceClip(task_id=source.task_id, clip_id=clip, seconds=seconds, model=source.model)
+
+
+@dataclass
+class SunoPlan:
+    """What a request sends: the path, the body, the kind of task it creates and the source clip."""
+
+    path: str
+    body: dict[str, Any]
+    action: str  # music (generate, extend) | lyrics | wav | persona
+    clip_id: str | None = None
+
+
 # -- output ----------------------------------------------------------------------------------
 
 def _url(value: Any) -> str | None:
     return value if isinstance(value, str) and value.startswith(("https://", "http://")) else None
+
+
+def _text_url(text: str) -> str:
+    """Text as an inline output (stored as ``text/plain``)."""
+    return "data:text/plain;charset=utf-8;base64," + base64.b64encode(text.encode()).decode()
 
 
 def _clip_outputs(clip_id: Any, audio: str | None, cover: str | None, meta: dict[str, Any]) -> list[ProviderOutput]:
@@ -376,6 +651,63 @@ def sunoapi_outputs(clips: Any) -> list[ProviderOutput]:
     return outputs
 
 
+def clips_state(outputs: list[ProviderOutput]) -> SunoTask | None:
+    """The clip id of each output (in output order) and each clip's length, kept for follow-ups."""
+    ids = [str(o.metadata.get("clip_id") or "") for o in outputs]
+    if not any(ids):
+        return None
+    seconds: dict[str, float] = {}
+    for output, clip in zip(outputs, ids, strict=True):
+        duration = output.metadata.get("duration")
+        if clip and isinstance(duration, int | float) and not isinstance(duration, bool) and duration > 0:
+            seconds[clip] = float(duration)
+    return SunoTask(output_clips=ids, clip_seconds=seconds or None)
+
+
+def lyrics_outputs(items: Any) -> list[ProviderOutput]:
+    """Each complete lyrics variation as a ``text/plain`` output (its title in the metadata). The
+    gateway's ``data`` is one ``{id,status,title,text}`` object (Suno-API's ``SunoLyrics``);
+    sunoapi's ``lyricsData`` a list of ``{text,title,status,errorMessage}``."""
+    outputs: list[ProviderOutput] = []
+    for item in items if isinstance(items, list) else [items]:
+        if not isinstance(item, dict) or item.get("status") not in (None, "", "complete"):
+            continue
+        text = item.get("text")
+        if not isinstance(text, str) or not text.strip():
+            continue
+        meta: dict[str, Any] = {"role": "lyrics"}
+        if isinstance(item.get("title"), str) and item["title"]:
+            meta["title"] = item["title"]
+        if isinstance(item.get("id"), str) and item["id"]:
+            meta["lyrics_id"] = item["id"]
+        outputs.append(ProviderOutput(url=_text_url(text), content_type="text/plain", metadata=meta))
+    return outputs
+
+
+def wav_outputs(record: dict[str, Any], clip_id: str | None) -> list[ProviderOutput]:
+    """The WAV of ``wav/record-info`` (``response.audioWavUrl``; older pages ``audio_wav_url``)."""
+    response = _obj_or_json(record.get("response"))
+    url = _url(response.get("audioWavUrl")) or _url(response.get("audio_wav_url"))
+    if not url:
+        return []
+    clip = record.get("musicId") or clip_id
+    meta = {"role": "wav", **({"clip_id": clip} if clip else {})}
+    return [ProviderOutput(url=url, content_type="audio/wav", metadata=meta)]
+
+
+def persona_status(state: SunoTask) -> TaskStatus:
+    """A persona is answered by the create call: its record is the task's result."""
+    record = state.persona or {}
+    persona_id = record.get("personaId")
+    if not isinstance(persona_id, str) or not persona_id:
+        raise MalformedResponse("this Suno persona job kept no personaId")
+    meta = {"role": "persona", "persona_id": persona_id,
+            **{k: record[k] for k in ("name", "description") if isinstance(record.get(k), str)},
+            **({"clip_id": state.clip_id} if state.clip_id else {})}
+    return TaskStatus(state="succeeded", raw_status="SUCCESS", progress=100,
+                      outputs=[ProviderOutput(url=_text_url(persona_id), content_type="text/plain", metadata=meta)])
+
+
 def _percent(value: Any) -> int | None:
     if isinstance(value, str) and value.endswith("%"):
         value = value[:-1]
@@ -388,9 +720,53 @@ def _percent(value: Any) -> int | None:
 # -- the adapter -----------------------------------------------------------------------------
 
 class SunoTask(TaskState):
-    """The flavour (gateway or sunoapi) the task was submitted through: only that one can read it."""
+    """The adapter's record of a task: the flavour it was submitted through (only that one can read
+    it), what it is, and what follow-ups need of it."""
 
     flavor: str | None = None
+    # music (generate, extend) | lyrics | wav | persona; none: music (records older than follow-ups).
+    action: str | None = None
+    # The source clip of an extend, wav or persona.
+    clip_id: str | None = None
+    # Learnt while polling a song: the clip id of each output in output order, each clip's seconds.
+    output_clips: list[str] | None = None
+    clip_seconds: dict[str, float] | None = None
+    # persona: what generate-persona answered (personaId, name, description).
+    persona: dict[str, Any] | None = None
+
+
+_OPERATIONS: dict[str, tuple[Operation, ...]] = {
+    "gateway": (
+        Operation("extend", source="task", source_kinds=frozenset({MediaKind.audio}),
+                  description="continue a clip of a Suno song from options.continue_at "
+                              "(POST /suno/submit/music with continue_clip_id, continue_at, task_id)"),
+        Operation("lyrics", source="none",
+                  description="song lyrics from a prompt, stored as text/plain (POST /suno/submit/lyrics)"),
+    ),
+    "sunoapi": (
+        Operation("extend", source="task", source_kinds=frozenset({MediaKind.audio}),
+                  description="continue a clip of a Suno song from options.continue_at "
+                              "(POST /api/v1/generate/extend)"),
+        Operation("lyrics", source="none",
+                  description="song lyrics from a prompt, stored as text/plain (POST /api/v1/lyrics)"),
+        Operation("wav", source="task", source_kinds=frozenset({MediaKind.audio}),
+                  description="the WAV file of a clip of a Suno song (POST /api/v1/wav/generate)"),
+        Operation("persona", source="task", source_kinds=frozenset({MediaKind.audio}),
+                  description="a persona from a clip of a Suno song; its personaId (text/plain output) is "
+                              "for options.persona_id (POST /api/v1/generate/generate-persona)"),
+    ),
+}
+# Where each kind of task is read (sunoapi flavour; the gateway reads every task at /suno/fetch).
+_SUNOAPI_RECORDS = {"music": "/api/v1/generate/record-info", "lyrics": "/api/v1/lyrics/record-info",
+                    "wav": "/api/v1/wav/record-info"}
+_SUNOAPI_LYRICS_STATES: dict[str, ProviderState] = {
+    "": "queued", "PENDING": "queued", "SUCCESS": "succeeded", "CREATE_TASK_FAILED": "failed",
+    "GENERATE_LYRICS_FAILED": "failed", "SENSITIVE_WORD_ERROR": "failed",
+}
+_SUNOAPI_WAV_STATES: dict[str, ProviderState] = {
+    "": "queued", "PENDING": "queued", "SUCCESS": "succeeded", "CREATE_TASK_FAILED": "failed",
+    "GENERATE_WAV_FAILED": "failed",
+}
 
 
 class SunoProvider(Provider):
@@ -411,10 +787,16 @@ class SunoProvider(Provider):
         if flavor not in FLAVORS:
             raise ValueError(f"ATELIER_SUNO_FLAVOR must be one of {', '.join(FLAVORS)}, not {flavor!r}")
         self.flavor = flavor
+        # sunoapi's lyrics prompt limit, in words (0: none); see LYRICS_PROMPT_WORDS.
+        self.lyrics_prompt_words = int(settings.extra.get("lyrics_prompt_max_words", LYRICS_PROMPT_WORDS))
 
     @property
     def supports_callbacks(self) -> bool:  # type: ignore[override]  # per instance: only sunoapi calls back
         return self.flavor == "sunoapi"
+
+    @property
+    def operations(self) -> tuple[Operation, ...]:  # type: ignore[override]  # per instance: by flavour
+        return _OPERATIONS[self.flavor]
 
     @property
     def fetch_group_size(self) -> int:
@@ -422,7 +804,55 @@ class SunoProvider(Provider):
 
     def validate(self, request: GenerationRequest) -> None:
         super().validate(request)
-        suno_params(self.flavor, request.input, request.model)
+        self.plan(request, None)
+
+    def plan(self, request: GenerationRequest, callback_url: str | None) -> SunoPlan:
+        """What ``request`` sends in this flavour; raises ``InvalidInput`` naming the field."""
+        sunoapi = self.flavor == "sunoapi"
+        op = request.operation
+        if op == "generate":
+            if request.source is not None:
+                raise InvalidInput("source", "Suno's generate takes no source; to continue a clip of a Suno "
+                                             "song use operation 'extend'")
+            params = suno_params(self.flavor, request.input, request.model)
+            if sunoapi:
+                return SunoPlan("/api/v1/generate", sunoapi_body(params, callback_url), "music")
+            return SunoPlan("/suno/submit/music", gateway_body(params), "music")
+        if op == "lyrics":
+            _model(self.flavor, request.model)  # not sent: Suno writes lyrics with one model
+            body: dict[str, Any] = {"prompt": lyrics_prompt(self.flavor, request.input, self.lyrics_prompt_words)}
+            if sunoapi and callback_url:
+                body["callBackUrl"] = callback_url
+            return SunoPlan("/api/v1/lyrics" if sunoapi else "/suno/submit/lyrics", body, "lyrics")
+        clip = source_clip(self.flavor, request)
+        if op == "extend":
+            params = suno_params(self.flavor, request.input, request.model, operation="extend")
+            where, at = params.fields["continue_at"], params.values["continue_at"]
+            if at <= 0:
+                raise InvalidInput(where, "must be after the start of the source clip (> 0 seconds)")
+            if clip.seconds is not None and at >= clip.seconds:
+                raise InvalidInput(where, f"must be within the source clip, which lasts {clip.seconds:g} s "
+                                          f"({at:g} given)")
+            if sunoapi:
+                if _SUNOAPI_OF.get(clip.model, clip.model) != params.model:
+                    raise InvalidInput("model", f"sunoapi.org extends with the source's model "
+                                                f"({_SUNOAPI_OF.get(clip.model, clip.model)}), not {params.model}")
+                return SunoPlan("/api/v1/generate/extend", sunoapi_extend_body(params, clip.clip_id, callback_url),
+                                "music", clip.clip_id)
+            params.values |= {"continue_clip_id": clip.clip_id, "task_id": clip.task_id}
+            return SunoPlan("/suno/submit/music", gateway_body(params), "music", clip.clip_id)
+        _model(self.flavor, request.model)  # not sent: the source clip decides
+        ids = {"taskId": clip.task_id, "audioId": clip.clip_id}
+        if op == "wav":
+            _refuse_common(request.input, set(), "wav")
+            for key in request.input.options:
+                raise InvalidInput(f"input.options.{key}", "wav takes no options: the source clip is converted")
+            return SunoPlan("/api/v1/wav/generate", ids | ({"callBackUrl": callback_url} if callback_url else {}),
+                            "wav", clip.clip_id)
+        if op == "persona":
+            return SunoPlan("/api/v1/generate/generate-persona", ids | persona_options(request.input, clip.seconds),
+                            "persona", clip.clip_id)
+        raise InvalidInput("operation", f"the Suno {self.flavor} flavour has no {op!r}")
 
     def _headers(self, ctx: CallContext) -> dict[str, str]:
         return {"Authorization": f"Bearer {ctx.api_key}", "User-Agent": "atelier"}
@@ -435,34 +865,58 @@ class SunoProvider(Provider):
 
     # -- submit ------------------------------------------------------------------------
     async def submit(self, ctx: CallContext, request: GenerationRequest) -> SubmitResult:
-        params = suno_params(self.flavor, request.input, request.model)
+        self.validate_operation(request)
+        plan = self.plan(request, ctx.callback_url)
+        response = await send(ctx.http, ctx.http.build_request("POST", self.base_url + plan.path, json=plan.body,
+                                                               headers=self._headers(ctx)), creates=True)
+        state = SunoTask(flavor=self.flavor, action=plan.action, clip_id=plan.clip_id)
         if self.flavor == "sunoapi":
-            url = f"{self.base_url}/api/v1/generate"
-            body = sunoapi_body(params, ctx.callback_url)
-        else:
-            url = f"{self.base_url}/suno/submit/music"
-            body = gateway_body(params)
-        response = await send(ctx.http, ctx.http.build_request("POST", url, json=body, headers=self._headers(ctx)),
-                              creates=True)
-        if self.flavor == "sunoapi":
-            data = expect_object(_sunoapi_data(response, creates=True), "generate response data")
+            data = expect_object(_sunoapi_data(response, creates=True), f"{plan.path} response data")
+            if plan.action == "persona":
+                return self._persona_created(request, data, plan, state, response)
             task_id = data.get("taskId")
         else:
             task_id = _gateway_data(response, creates=True)
         if not isinstance(task_id, str) or not task_id:
             raise MalformedResponse("Suno accepted the submission without a task id",
                                     detail={"body": response.text[:300]})
-        return SubmitResult(task_id=task_id, state=SunoTask(flavor=self.flavor))
+        return SubmitResult(task_id=task_id, state=state)
+
+    def _persona_created(self, request: GenerationRequest, data: dict[str, Any], plan: SunoPlan, state: SunoTask,
+                         response: httpx.Response) -> SubmitResult:
+        """generate-persona answers with the persona at once: the job is done (its id is the task id)."""
+        persona_id = data.get("personaId")
+        if not isinstance(persona_id, str) or not persona_id:
+            raise MalformedResponse("sunoapi answered generate-persona without a personaId",
+                                    detail={"body": response.text[:300]})
+        record = {"personaId": persona_id,
+                  "name": data.get("name") if isinstance(data.get("name"), str) else plan.body["name"],
+                  "description": (data.get("description") if isinstance(data.get("description"), str)
+                                  else plan.body["description"])}
+        state = state.model_copy(update={"persona": record})
+        return SubmitResult(task_id=request.reference or persona_id, state=state, done=persona_status(state))
 
     # -- fetch -------------------------------------------------------------------------
     async def fetch(self, ctx: CallContext, task: TaskRef) -> TaskStatus:
         self._check_flavor(task)
+        state = SunoTask.of(task)
+        action = state.action or "music"
+        if action == "persona":
+            return persona_status(state)
         task_id = task.task_id
         if self.flavor == "sunoapi":
-            url = f"{self.base_url}/api/v1/generate/record-info"
-            request = ctx.http.build_request("GET", url, params={"taskId": task_id}, headers=self._headers(ctx))
+            path = _SUNOAPI_RECORDS.get(action)
+            if path is None:
+                raise MalformedResponse(f"this Suno task is of an unknown kind ({action})")
+            request = ctx.http.build_request("GET", self.base_url + path, params={"taskId": task_id},
+                                             headers=self._headers(ctx))
             response = await send(ctx.http, request)
-            return self.parse_record(expect_object(_sunoapi_data(response, creates=False), "record-info data"))
+            record = expect_object(_sunoapi_data(response, creates=False), "record-info data")
+            if action == "lyrics":
+                return self.parse_lyrics_record(record)
+            if action == "wav":
+                return self.parse_wav_record(record, state.clip_id)
+            return self.parse_record(record)
         url = f"{self.base_url}/suno/fetch/{task_id}"
         response = await send(ctx.http, ctx.http.build_request("GET", url, headers=self._headers(ctx)))
         return self.parse_task(expect_object(_gateway_data(response, creates=False), "task"))
@@ -508,23 +962,30 @@ class SunoProvider(Provider):
         return result
 
     def parse_task(self, dto: dict[str, Any]) -> TaskStatus:
-        """A gateway TaskDto. Only the top-level status counts (``data`` may be stale)."""
+        """A gateway TaskDto (a song, or lyrics when ``action`` is ``LYRICS``). Only the top-level
+        status counts (``data`` may be stale)."""
         raw = dto.get("status")
         if raw is None:
             raw = ""
         if not isinstance(raw, str):
             raise MalformedResponse("Suno gateway task has no readable status", detail={"status": str(raw)[:100]})
+        lyrics = str(dto.get("action") or "").upper() == "LYRICS"
         state = _GATEWAY_STATES.get(raw.upper())
         if state is None:
             log.warning("suno gateway: unknown task status %r; still waiting", raw)
         status = TaskStatus(state=state or "unknown", raw_status=raw, progress=_percent(dto.get("progress")))
         if state == "succeeded":
-            status.outputs = gateway_outputs(dto.get("data"), dto.get("result_url"))
             status.progress = 100
+            if lyrics:
+                status.outputs = lyrics_outputs(dto.get("data"))
+            else:
+                status.outputs = gateway_outputs(dto.get("data"), dto.get("result_url"))
+                status.task_state = clips_state(status.outputs)
             if not status.outputs:
                 status.state = "failed"
                 status.error_code = "provider_no_output"
-                status.error_message = "the Suno gateway reported success without any complete clip"
+                status.error_message = ("the Suno gateway reported success without any lyrics" if lyrics
+                                        else "the Suno gateway reported success without any complete clip")
         elif state == "failed":
             reason = str(dto.get("fail_reason") or "")
             result_url = dto.get("result_url")
@@ -537,7 +998,7 @@ class SunoProvider(Provider):
         return status
 
     def parse_record(self, record: dict[str, Any]) -> TaskStatus:
-        """sunoapi.org's record-info ``data``."""
+        """sunoapi.org's ``generate/record-info`` ``data`` (a generate or an extend)."""
         raw = record.get("status")
         if raw is None:
             raw = ""
@@ -556,17 +1017,60 @@ class SunoProvider(Provider):
         status = TaskStatus(state=state or "unknown", raw_status=raw)
         if state == "succeeded":
             status.outputs = sunoapi_outputs(clips)
+            status.task_state = clips_state(status.outputs)
             status.progress = 100
             if not status.outputs:
                 status.state = "failed"
                 status.error_code = "provider_no_output"
                 status.error_message = "sunoapi.org reported success without any audio"
         elif state == "failed":
-            message = record.get("errorMessage") or response.get("errorMessage")
-            status.error_code = "provider_content_filtered" if raw == "SENSITIVE_WORD_ERROR" else "provider_failed"
-            status.error_message = f"Suno task {raw}: {message}" if message else f"Suno task {raw}"
-            status.error_detail = {"status": raw, "errorCode": record.get("errorCode"), "errorMessage": message}
+            self._record_failed(status, record, response)
         return status
+
+    def parse_lyrics_record(self, record: dict[str, Any]) -> TaskStatus:
+        """``lyrics/record-info`` ``data``: ``response.lyricsData`` once ``SUCCESS``."""
+        response = _obj_or_json(record.get("response"))
+        found = lyrics_outputs(response.get("lyricsData") or response.get("data"))
+        return self._simple_record(record, response, _SUNOAPI_LYRICS_STATES, found, "lyrics")
+
+    def parse_wav_record(self, record: dict[str, Any], clip_id: str | None) -> TaskStatus:
+        """``wav/record-info`` ``data``: ``response.audioWavUrl`` once ``successFlag`` is ``SUCCESS``
+        (an older page: ``status`` and ``audio_wav_url``)."""
+        response = _obj_or_json(record.get("response"))
+        return self._simple_record(record, response, _SUNOAPI_WAV_STATES, wav_outputs(record, clip_id), "WAV file")
+
+    def _simple_record(self, record: dict[str, Any], response: dict[str, Any], states: dict[str, ProviderState],
+                       found: list[ProviderOutput], what: str) -> TaskStatus:
+        raw = record.get("successFlag") if record.get("successFlag") is not None else record.get("status")
+        if raw is None:
+            raw = ""
+        if not isinstance(raw, str):
+            raise MalformedResponse("sunoapi record has no readable status", detail={"status": str(raw)[:100]})
+        state = states.get(raw.upper())
+        if raw.upper() == "CALLBACK_EXCEPTION":  # only their callback to us failed
+            state = "succeeded" if found else "failed"
+        if state is None:
+            log.warning("sunoapi: unknown %s task status %r; still waiting", what, raw)
+        status = TaskStatus(state=state or "unknown", raw_status=raw)
+        if state == "succeeded":
+            status.outputs = found
+            status.progress = 100
+            if not found:
+                status.state = "failed"
+                status.error_code = "provider_no_output"
+                status.error_message = f"sunoapi.org reported success without the {what}"
+        elif state == "failed":
+            self._record_failed(status, record, response)
+        return status
+
+    @staticmethod
+    def _record_failed(status: TaskStatus, record: dict[str, Any], response: dict[str, Any]) -> None:
+        raw = status.raw_status
+        message = record.get("errorMessage") or response.get("errorMessage")
+        status.state = "failed"
+        status.error_code = "provider_content_filtered" if raw == "SENSITIVE_WORD_ERROR" else "provider_failed"
+        status.error_message = f"Suno task {raw}: {message}" if message else f"Suno task {raw}"
+        status.error_detail = {"status": raw, "errorCode": record.get("errorCode"), "errorMessage": message}
 
     # -- callbacks ---------------------------------------------------------------------
     async def verify_callback(self, ctx: CallContext, headers: Mapping[str, str], body: bytes) -> CallbackHint:
@@ -590,6 +1094,16 @@ class SunoProvider(Provider):
 
 def _obj(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _obj_or_json(value: Any) -> dict[str, Any]:
+    """An object, or one encoded as a JSON string (as ``param`` is in record-info)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return _obj(value)
 
 
 def _json(response: httpx.Response) -> Any:

@@ -50,6 +50,21 @@ def wav(seed: str, seconds: float = 1.0, rate: int = 8000) -> bytes:
     return buf.getvalue()
 
 
+def tagged_wav(seed: str, seconds: float = 1.0, rate: int = 8000) -> bytes:
+    """``wav(seed)`` plus a trailing RIFF ``LIST/INFO`` chunk naming ``seed``.
+
+    ``wav`` alone takes its pitch from one byte of the seed, so two seeds can give the same
+    file; the comment chunk (which decoders skip) makes every seed's file distinct.
+    """
+    data = wav(seed, seconds, rate)
+    comment = seed.encode()[:200] + b"\x00"
+    if len(comment) % 2:
+        comment += b"\x00"
+    info = b"INFO" + b"ICMT" + struct.pack("<I", len(comment)) + comment
+    body = data[8:] + b"LIST" + struct.pack("<I", len(info)) + info
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
 @cache
 def _fixture(name: str) -> bytes:
     return resources.files("providers.sandbox").joinpath("media", name).read_bytes()

@@ -94,7 +94,7 @@ async def test_extend_continues_a_complete_clip(gateway: Gateway) -> None:
     assert gateway.sim.tasks[task_id].input["continue_clip_id"] == clip["id"]
     # An extended clip is a clip like any other: it can be continued again.
     again = await gateway.done(await gateway.task(prompt="[Outro]", continue_clip_id=new_clips[0]["id"],
-                                                  continue_at=0))
+                                                  continue_at=0, task_id=task_id))
     assert again["data"][0]["metadata"]["history"][0]["id"] == new_clips[0]["id"]
     assert (await gateway.http.get("/_sim/stats")).json()["duplicate_identities"] == {}
 
@@ -102,29 +102,38 @@ async def test_extend_continues_a_complete_clip(gateway: Gateway) -> None:
 async def test_extend_refusals(gateway: Gateway) -> None:
     source = await gateway.song()
     clip = source["data"][0]["id"]
+    origin = source["task_id"]
+
+    # The gateway itself (new-api's Suno adaptor and relay) wants the origin task, one of the caller's.
+    assert (await gateway.refused(prompt="x", continue_clip_id=clip, continue_at=10))["message"] == \
+        "task id is empty"
+    foreign = await gateway.refused(prompt="x", continue_clip_id=clip, continue_at=10, task_id="task_nope")
+    assert (foreign["code"], foreign["message"]) == ("task_not_exist", "task_origin_not_exist")
 
     unknown = await gateway.refused(prompt="x", continue_clip_id="6c1b8a2e-0000-4000-8000-000000000000",
-                                    continue_at=10)
+                                    continue_at=10, task_id=origin)
     assert unknown["code"] == "fail_to_fetch_task"
     upstream = json.loads(unknown["message"])  # the upstream's own body, passed through
     assert upstream["code"] == "invalid_request" and "not found" in upstream["message"]
 
-    assert "continue_at" in (await gateway.refused(prompt="x", continue_clip_id=clip))["message"]
-    assert "continue_at" in (await gateway.refused(prompt="x", continue_clip_id=clip, continue_at=-1))["message"]
-    wrong_type = await gateway.refused(prompt="x", continue_clip_id=clip, continue_at="30")
+    assert "continue_at" in (await gateway.refused(prompt="x", continue_clip_id=clip, task_id=origin))["message"]
+    assert "continue_at" in (await gateway.refused(prompt="x", continue_clip_id=clip, continue_at=-1,
+                                                   task_id=origin))["message"]
+    wrong_type = await gateway.refused(prompt="x", continue_clip_id=clip, continue_at="30", task_id=origin)
     assert wrong_type["code"] == "invalid_request" and "continue_at" in wrong_type["message"]
 
     # A clip that is not complete (still generating, or failed) cannot be continued.
     pending = await gateway.task(prompt="slow [sim:queue=5]")
     pending_clip = gateway.sim.tasks[pending].data["clips"][0]
-    not_yet = await gateway.refused(prompt="x", continue_clip_id=pending_clip, continue_at=5)
+    not_yet = await gateway.refused(prompt="x", continue_clip_id=pending_clip, continue_at=5, task_id=pending)
     assert "not complete" in json.loads(not_yet["message"])["message"]
     failed = await gateway.done(await gateway.task(prompt="x [sim:fail]"))
     assert failed["status"] == "FAILURE"
-    await gateway.refused(prompt="x", continue_clip_id=failed["data"][0]["id"], continue_at=5)
+    await gateway.refused(prompt="x", continue_clip_id=failed["data"][0]["id"], continue_at=5,
+                          task_id=failed["task_id"])
 
     gateway.sim.config.extra["continue_refusal_status"] = 500
-    server_side = await gateway.refused(500, prompt="x", continue_clip_id="nope", continue_at=5)
+    server_side = await gateway.refused(500, prompt="x", continue_clip_id="nope", continue_at=5, task_id=origin)
     assert json.loads(server_side["message"])["code"] == "internal_error"
 
 
