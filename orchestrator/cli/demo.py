@@ -69,6 +69,19 @@ DEMO_JOBS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("bfl", "image", "flux-pro-1.1", {"prompt": "a glass greenhouse at sunrise", "aspect_ratio": "16:9"}),
 ]
 
+# Follow-ups, one per provider that has them: each acts on the demo job of (provider, model) above.
+FOLLOW_UPS: list[tuple[str, str, dict[str, Any]]] = [
+    ("sora", "sora-2", {"operation": "remix", "input": {"prompt": "the same paper boat, at night"}}),
+    ("kling", "kling-v1", {"operation": "extend", "input": {"prompt": "the cat takes a bow"}}),
+    ("luma", "ray-2", {"operation": "extend", "input": {"prompt": "the tiger breaks into a run"}}),
+    ("suno", "chirp-v4", {"operation": "extend", "input": {"prompt": "a bridge, then the chorus again",
+                                                           "options": {"continue_at": 0.5}}}),
+    ("midjourney", "midjourney", {"operation": "upscale", "input": {"options": {"index": 2}}}),
+    ("ideogram", "ideogram-v3", {"operation": "remix", "input": {"prompt": "the same poster, by night"}}),
+    ("stability", "stable-image-core", {"operation": "upscale", "input": {"prompt": "crisp ceramic detail"}}),
+    ("xai", "grok-imagine-video", {"operation": "extend", "input": {"prompt": "the hummingbird flies off"}}),
+]
+
 
 class Receiver:
     """A webhook endpoint that verifies every delivery with the tenant's secret."""
@@ -90,13 +103,13 @@ class Receiver:
 
 def _table(jobs: dict[str, dict[str, Any]], webhooks: int) -> Table:
     table = Table(title=f"Atelier demo - {webhooks} signed webhooks received and verified")
-    for col in ("job", "provider", "kind", "model", "status", "progress"):
+    for col in ("job", "provider", "kind", "model", "operation", "status", "progress"):
         table.add_column(col)
     colours = {"succeeded": "green", "failed": "red", "canceled": "yellow", "timed_out": "red"}
     for job in jobs.values():
         status = job["status"]
         progress = f"{job['progress']}%" if job.get("progress") is not None else ""
-        table.add_row(job["id"], job["provider"], job["kind"], job["model"],
+        table.add_row(job["id"], job["provider"], job["kind"], job["model"], job.get("operation") or "generate",
                       f"[{colours.get(status, 'cyan')}]{status}[/]", progress)
     return table
 
@@ -117,6 +130,10 @@ async def run_demo(storage_dir: Path, timeout: float = 180.0) -> int:
                 console.print("[red]no demo job could be submitted[/]")
                 return 1
             ok = await _follow(api, jobs, receiver, console, timeout)
+            follow_ups = await _submit_follow_ups(api, jobs, hook_url + "/hook", console)
+            ok = bool(follow_ups) and ok
+            jobs |= follow_ups
+            ok = await _follow(api, jobs, receiver, console, timeout) and ok
             return await _report(api, stack, jobs, receiver, storage_dir, console, ok)
 
 
@@ -137,6 +154,27 @@ async def _submit_all(api: httpx.AsyncClient, stack: Stack, hook: str, console: 
         job = resp.json()
         jobs[job["id"]] = job
     return jobs
+
+
+async def _submit_follow_ups(api: httpx.AsyncClient, jobs: dict[str, dict[str, Any]], hook: str,
+                             console: Console) -> dict[str, dict[str, Any]]:
+    """One follow-up job per provider that has them, on that provider's succeeded demo job."""
+    sources = {(j["provider"], j["model"]): j for j in jobs.values() if j["status"] == "succeeded"}
+    follow_ups: dict[str, dict[str, Any]] = {}
+    for provider, model, overrides in FOLLOW_UPS:
+        source = sources.get((provider, model))
+        if source is None:
+            continue
+        body = {"provider": provider, "kind": source["kind"], "model": model, "source": {"job_id": source["id"]},
+                "webhook_url": hook, "metadata": {"demo": True}} | overrides
+        resp = await api.post("/v1/jobs", json=body)
+        if resp.status_code != 202:
+            console.print(f"[red]follow-up {provider} {overrides['operation']} refused: {resp.status_code} "
+                          f"{resp.text}[/]")
+            continue
+        job = resp.json()
+        follow_ups[job["id"]] = job
+    return follow_ups
 
 
 async def _follow(api: httpx.AsyncClient, jobs: dict[str, dict[str, Any]], receiver: Receiver,
