@@ -4,6 +4,7 @@ endpoints, cannot hold back another tenant's work for long (issue 13, defect 3).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from datetime import timedelta
 
@@ -52,6 +53,31 @@ async def test_a_big_batch_does_not_hold_back_another_tenants_job_on_the_same_ke
     assert waited < 10, f"tenant B's job took {waited:.1f} s behind tenant A's batch"
     finished = sum(batch["counts"].get(s, 0) for s in ("succeeded", "failed"))
     assert finished < 100, f"{finished} of A's jobs finished before B's one job: B did not get its turn"
+
+
+async def test_tenants_take_turns_in_a_keys_request_budget_line(redis_url):
+    # 2 requests/s: 60 of tenant A's submissions line up for the key's budget (30 s of it); tenant
+    # B's one job, arriving behind them, is told its turn is about one interval away, not 30 s.
+    async with dev_stack(redis_url=redis_url, replicate_rpm=120, poll_min_seconds=5,
+                         log_format="text") as stack:
+        r = aioredis.Redis.from_url(redis_url)
+        key_a = await create_api_key(r, "budget-a")
+        await r.aclose()
+        async with api(stack, key_a) as a, api(stack) as b:
+            items = [IMAGE | {"input": {"prompt": f"budget item {i} [sim:run=0.1]"}} for i in range(60)]
+            resp = await a.post("/v1/batches", json={"jobs": items})
+            assert resp.status_code == 202, resp.text
+            await asyncio.sleep(2.0)  # the line forms
+            asked = time.monotonic()
+            job = await submit(b, **IMAGE, input={"prompt": "tenant b's turn [sim:run=0.1]"})
+            started = await wait_for(b, job["id"], {"submitted", "running", "succeeded"}, timeout=30)
+            waited = time.monotonic() - asked
+            events = (await b.get(f"/v1/jobs/{job['id']}/events")).json()
+            await a.post(f"/v1/batches/{resp.json()['id']}/cancel")
+    assert started["status"] in ("submitted", "running", "succeeded")
+    ahead = [int(m.group(1)) for e in events if (m := re.search(r"\((\d+) jobs ahead", e.get("note") or ""))]
+    assert all(n <= 2 for n in ahead), f"tenant B's job joined the budget line behind {ahead} jobs"
+    assert waited < 15, f"tenant B's job waited {waited:.1f} s for the key's budget behind tenant A's batch"
 
 
 async def test_dead_endpoints_of_one_tenant_do_not_delay_another_tenants_webhook(redis_url):

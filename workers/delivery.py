@@ -13,14 +13,15 @@
 - An endpoint that has failed without a success for ``ATELIER_WEBHOOK_DISABLE_AFTER_SECONDS``
   is disabled with the reason; deliveries still pending for a disabled endpoint end ``dead``
   without being sent (``POST .../recover`` resends them once it is enabled again).
-- Fairness (``orchestrator.store.webhook_gates``): an attempt goes only if its destination has fewer
-  than ``ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY`` attempts in flight, its tenant fewer than
-  ``ATELIER_WEBHOOK_TENANT_CONCURRENCY``, and the destination's circuit is not open (it opens after
-  ``ATELIER_WEBHOOK_CIRCUIT_FAILURES`` failures in a row; after the cool-down one probe at a time).
-  Otherwise the delivery is parked outside the queue, not counted as an attempt, and queued again
-  by ``dispatch_parked`` when it may go; so one tenant's dead endpoints hold no worker and stand in
-  front of nobody. A delivery whose destination has failed for longer than the disable period ends
-  ``dead`` without another attempt.
+- Fairness (``orchestrator.store.webhook_gates``): a delivery holds a place at its destination
+  (at most ``ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY``) and at its tenant (at most
+  ``ATELIER_WEBHOOK_TENANT_CONCURRENCY``) from its admission to the queue until its attempt ends; a
+  destination's circuit opens after ``ATELIER_WEBHOOK_CIRCUIT_FAILURES`` failures in a row (after the
+  cool-down, one probe at a time). A delivery with no room waits in its tenant's line (the tenant's
+  next finished attempt wakes the oldest) or, while the circuit is open, in the parking lot; either
+  way outside the queue and not counted as an attempt, so one tenant's dead endpoints hold at most
+  its cap of workers and stand in front of nobody. A delivery whose destination has failed for
+  longer than the disable period ends ``dead`` without another attempt.
 - Each attempt is queued once: the arq id carries the attempt number and a run whose number is not
   the delivery's next attempt does nothing (a duplicate queued by the sweeper, or a late retry).
 """
@@ -38,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.domain.webhooks import Delivery, Endpoint, destination
+from orchestrator.domain.webhooks import Delivery, Endpoint
 from orchestrator.infra import metrics
 from orchestrator.infra.destinations import DestinationRefused
 from orchestrator.infra.logs import redact_url
@@ -105,7 +106,6 @@ async def post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[s
     return out
 
 
-FULL_WAIT_MS = (50, 250)  # a destination or tenant at its cap: look again this soon (ms, random)
 DISPATCH_INTERVAL = 0.1
 
 
@@ -115,26 +115,27 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | 
     if delivery is None or delivery.status != "pending":
         return
     if attempt is not None and attempt != len(delivery.attempts):
-        return  # not this delivery's next attempt: a duplicate entry, or one already made
+        return  # not this delivery's next attempt: a duplicate entry, or one already made (its own run frees)
     endpoints = rt.endpoints
     endpoint = None
     if delivery.endpoint_id:
         endpoint = await endpoints.get(delivery.tenant, delivery.endpoint_id)
         if endpoint is None:  # deleted: its deliveries go with it
             await rt.store.drop_delivery(delivery)
+            await rt.webhook_gates.outcome(delivery, int(time.time() * 1000), ok=None)
             return
         if not endpoint.enabled:
             delivery.status = "dead"
             delivery.note = f"not sent: the endpoint is disabled ({endpoint.disabled_reason or 'by the API'})"
             await rt.store.save_delivery(delivery)
+            await rt.webhook_gates.outcome(delivery, int(time.time() * 1000), ok=None)
             return
         delivery.url = endpoint.url
         secrets = endpoint.signing_secrets()
     else:
         secrets = [await webhook_secret(rt.redis, delivery.tenant)]
-    dest = destination(delivery)
     now_ms = int(time.time() * 1000)
-    gate = await rt.webhook_gates.acquire(dest, delivery.tenant, delivery.id, now_ms)
+    gate = await rt.webhook_gates.acquire(delivery, now_ms)
     if gate.verdict == "busy":
         return  # another worker is making this very attempt
     if gate.verdict != "go":
@@ -143,9 +144,8 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | 
     out = Outcome(error="the attempt was interrupted")
     try:
         out = await _attempt(ctx, rt, delivery, secrets)
-    finally:  # free the holds even when the attempt is cut short (else their leases end them)
-        opened = await rt.webhook_gates.outcome(dest, delivery.tenant, delivery.id, int(time.time() * 1000),
-                                                ok=out.ok)
+    finally:  # free the places even when the attempt is cut short (else their leases end them)
+        opened = await rt.webhook_gates.outcome(delivery, int(time.time() * 1000), ok=out.ok)
     if opened:
         log.info("webhook destination of %s failing: circuit open for %.1f s", redact_url(delivery.url),
                  (opened - time.time() * 1000) / 1000, extra=await _log_extra(rt, delivery, "webhook.circuit_open"))
@@ -153,8 +153,8 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | 
 
 
 async def _hold_back(rt: Runtime, delivery: Delivery, gate: Gate, now_ms: int) -> None:
-    """Park a delivery its destination cannot take now, or end it if the destination has failed for
-    longer than an endpoint may before it is disabled."""
+    """Park a delivery its destination cannot take now, let it wait in its tenant's line, or end it if
+    the destination has failed for longer than an endpoint may before it is disabled."""
     failing_ms = now_ms - gate.failing_since_ms if gate.failing_since_ms else 0
     if gate.verdict == "open" and failing_ms > rt.settings.webhook_disable_after_seconds * 1000:
         delivery.status = "dead"
@@ -162,17 +162,14 @@ async def _hold_back(rt: Runtime, delivery: Delivery, gate: Gate, now_ms: int) -
         await rt.store.save_delivery(delivery)
         metrics.webhook_attempt("dead", 0.0)
         return
-    if gate.verdict == "open":  # spread the wake-ups over a cool-down, not all at its end
-        wait = gate.wait_ms + random.randint(0, max(gate.wait_ms, 1000))
-    else:
-        wait = random.randint(*FULL_WAIT_MS)
-    await rt.webhook_gates.park(delivery.id, len(delivery.attempts), now_ms + wait)
+    await rt.webhook_gates.hold_back(delivery, gate, now_ms)
     metrics.webhook_parked(gate.verdict)
 
 
 async def dispatch_parked(rt: Runtime, stop: asyncio.Event) -> None:
-    """Queue parked deliveries again when they are due (runs beside the webhook worker). One still
-    queued (the run that parked it has not finished) is parked a moment more."""
+    """Queue parked deliveries (and those a finished attempt woke from their tenant's line) again when
+    they are due (runs beside the webhook worker). One still queued (the run that parked it has not
+    finished) is parked a moment more."""
     while not stop.is_set():
         taken = 0
         try:

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.domain.deadlines import deadline_for
@@ -31,6 +31,7 @@ from orchestrator.store.endpoints import Endpoints
 from orchestrator.store.jobs import Conflict, JobStore, ms
 from orchestrator.store.queue import Queue
 from orchestrator.store.tenants import tenant_retention
+from orchestrator.store.webhook_gates import WebhookGates
 from orchestrator.wire.batches import BatchItemRef, BatchRequest, BatchView
 from orchestrator.wire.jobs import JobRequest, JobStatus, utcnow
 from providers.contract import ProviderSettings
@@ -55,6 +56,7 @@ class BatchEvents:
     queue: Queue
     progress_interval_seconds: float = 10.0
     retention_seconds: int = 30 * 24 * 3600
+    webhooks: WebhookGates = field(kw_only=True)  # new deliveries are admitted to the queue through it
 
     async def record(self, batch_id: str) -> BatchRecord | None:
         return await self.batch_store.get(batch_id)
@@ -119,9 +121,8 @@ class BatchEvents:
         deliveries += [Delivery(id=derived_id("msg", at_ms, f"{delivery_id}:{e.id}"), tenant=record.tenant,
                                 batch_id=record.id, endpoint_id=e.id, url=e.url, event_type=event_type,
                                 sequence=view.done, payload=payload) for e in endpoints]
-        for delivery, created in zip(deliveries, await self.store.create_deliveries(deliveries), strict=True):
-            if created:
-                await self.queue.deliver(delivery.id, 0)
+        created = await self.store.create_deliveries(deliveries)
+        await self.webhooks.admit([d for d, new in zip(deliveries, created, strict=True) if new], ms())
 
     async def sweep(self, before: float) -> int:
         """Finished batches whose completion webhook was not recorded (a crash in between)."""

@@ -26,9 +26,10 @@ from orchestrator.infra import metrics
 from orchestrator.infra.settings import Settings
 from orchestrator.services.views import JobViews
 from orchestrator.store.endpoints import Endpoints
-from orchestrator.store.jobs import REMOVE, EndpointsChanged, JobStore
+from orchestrator.store.jobs import REMOVE, EndpointsChanged, JobStore, ms
 from orchestrator.store.queue import Queue
 from orchestrator.store.tenants import tenant_retention
+from orchestrator.store.webhook_gates import WebhookGates
 from orchestrator.wire import limits
 from orchestrator.wire.jobs import TERMINAL, JobError, JobEvent, JobRequest, JobStatus, JobView, utcnow
 from providers.contract import ProviderSettings
@@ -64,6 +65,7 @@ class Jobs:
     endpoints: Endpoints  # the tenants' webhook endpoints (events fan out to them)
     # Called, in order, after a job reached a terminal state: free its provider slot, count its batch.
     finish_hooks: Sequence[FinishHook] = ()
+    webhooks: WebhookGates = field(kw_only=True)  # new deliveries are admitted to the queue through it
     # tenant -> (fingerprint, endpoints): what ``transition`` fans events out to, re-read when the
     # store says they changed.
     _known_endpoints: dict[str, tuple[str, list[Endpoint]]] = field(default_factory=dict)
@@ -177,8 +179,8 @@ class Jobs:
         if event is not None:
             log.info("job %s", event.type, extra={"job_id": job.id, "tenant": job.tenant,
                                                    "provider": job.provider, "event": event.type})
-        for delivery in deliveries:
-            await self.queue.deliver(delivery.id, 0)
+        if deliveries:
+            await self.webhooks.admit(deliveries, ms())
         if status in TERMINAL and not job.status.terminal:
             for hook in self.finish_hooks:
                 await hook(saved, finished_batch)

@@ -76,6 +76,13 @@ class Runtime:
                 limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=KEEPALIVE),
                 follow_redirects=False)
 
+        gates = WebhookGates(redis, CircuitRules(
+            endpoint_concurrency=settings.webhook_endpoint_concurrency,
+            tenant_concurrency=settings.webhook_tenant_concurrency,
+            failures_to_open=settings.webhook_circuit_failures,
+            cooldown_ms=int(settings.webhook_circuit_cooldown_seconds * 1000),
+            max_cooldown_ms=int(settings.webhook_circuit_max_cooldown_seconds * 1000),
+            lease_ms=int((settings.webhook_timeout_seconds + 5) * 1000)), queue)
         throttle = Throttle(redis, {name: Limits(p.settings.concurrency, p.settings.rpm)
                                     for name, p in registry.providers.items()})
         polls = PollBoard(redis, store.ACTIVE)
@@ -83,21 +90,16 @@ class Runtime:
         slots = Slots(store, queue, throttle, polls)
         batch_store = BatchStore(redis, settings.idempotency_ttl_seconds)
         events = BatchEvents(store, batch_store, endpoints, queue, settings.batch_progress_interval_seconds,
-                             settings.retention_seconds)
+                             settings.retention_seconds, webhooks=gates)
         jobs = Jobs(settings, store, queue, JobViews(storage, settings.output_url_ttl_seconds), endpoints,
-                    finish_hooks=(slots.job_finished, events.on_job_finished))
+                    finish_hooks=(slots.job_finished, events.on_job_finished),
+                    webhooks=gates)
         return cls(settings=settings, redis=redis, store=store, queue=queue, storage=storage,
                    registry=registry, jobs=jobs, batches=Batches(jobs, events), endpoints=endpoints, slots=slots,
                    http=client(200), provider_http={name: client(100) for name in registry.providers},
                    media_http=webhook_client(settings.http_timeout_seconds, settings.allow_private_fetches),
                    throttle=throttle, polls=polls, reaper=Reaper(store, batch_store, storage),
-                   webhook_gates=WebhookGates(redis, CircuitRules(
-                       endpoint_concurrency=settings.webhook_endpoint_concurrency,
-                       tenant_concurrency=settings.webhook_tenant_concurrency,
-                       failures_to_open=settings.webhook_circuit_failures,
-                       cooldown_ms=int(settings.webhook_circuit_cooldown_seconds * 1000),
-                       max_cooldown_ms=int(settings.webhook_circuit_max_cooldown_seconds * 1000),
-                       lease_ms=int((settings.webhook_timeout_seconds + 5) * 1000))))
+                   webhook_gates=gates)
 
     def http_for(self, provider: str) -> httpx.AsyncClient:
         """The client for ``provider``'s API."""

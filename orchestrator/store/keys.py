@@ -96,14 +96,21 @@ DELIVERIES_PARKED = f"{P}whq:parked"
 
 
 def webhook_destination(destination: str, part: str) -> str:
-    """A webhook destination's ``inflight`` attempts (zset of leases) or ``circuit`` (hash:
-    ``failures``, ``failing_since``, ``open_until``)."""
+    """A webhook destination's ``inflight`` deliveries (admitted or being attempted: zset of leases, ms),
+    ``circuit`` (hash: ``failures``, ``failing_since``, ``opens``, ``open_until``) or ``parked``
+    deliveries (woken when the circuit closes)."""
     return f"{P}whq:dest:{destination}:{part}"
 
 
-def webhook_tenant_inflight(tenant: str) -> str:
-    """Zset: the tenant's delivery attempts in flight (leases, ms)."""
-    return f"{P}whq:tenant:{tenant}:inflight"
+def webhook_tenant(tenant: str, part: str) -> str:
+    """The tenant's active deliveries (``inflight``: admitted or being attempted, zset of leases, ms) or
+    its ``waiting`` line (zset of "{delivery id}:{attempt}" by arrival)."""
+    return f"{P}whq:tenant:{tenant}:{part}"
+
+
+def webhook_attempt(delivery_id: str) -> str:
+    """Set while a worker makes an attempt of the delivery (a second one answers busy)."""
+    return f"{P}whq:attempt:{delivery_id}"
 
 
 def delivery(delivery_id: str) -> str:
@@ -160,10 +167,10 @@ def waiting(provider: str, key_id: str) -> str:
     return f"{P}waiting:{provider}:{key_id}"
 
 
-def fair_tags(provider: str, key_id: str) -> str:
-    """Hash of the fair-share tags of a key's waiting line (per priority: virtual time, each tenant's
-    next tag); deleted whenever the line is empty."""
-    return f"{P}fairtags:{provider}:{key_id}"
+def fair_tags(provider: str, key_id: str, line: str = "slots") -> str:
+    """Hash of the fair-share tags of a key's ``slots`` (waiting) or ``budget`` line (per priority:
+    virtual time, each tenant's next tag); deleted whenever the line is empty."""
+    return f"{P}fairtags:{provider}:{key_id}" + ("" if line == "slots" else f":{line}")
 
 
 def budget_line(provider: str, key_id: str) -> str:

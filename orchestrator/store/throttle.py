@@ -30,11 +30,6 @@ from orchestrator.wire.jobs import Priority
 _PRIORITY_RANK = {Priority.high: 0, Priority.normal: 1, Priority.low: 2}
 
 
-def queue_score(job: Job) -> float:
-    """Priority first, then submission order (milliseconds since the epoch fit well in a double)."""
-    return _PRIORITY_RANK[job.priority] * 1e13 + job.created_at.timestamp() * 1000
-
-
 @dataclass
 class Limits:
     concurrency: int | None = None  # tasks in flight per key
@@ -85,8 +80,10 @@ class Throttle:
         """Spend one request of the key's budget for ``job``'s submission: ``(0, 0)`` if it may go now,
         else (seconds until its turn should come, its place in the key's budget line)."""
         interval, burst = self._interval_burst(job.provider)
-        wait, place = await self._turn(keys=[self.rate_key(job.provider, key_id), self.line_key(job.provider, key_id)],
-                                       args=[int(time.time() * 1000), interval, burst, job.id, queue_score(job)])
+        wait, place = await self._turn(keys=[self.rate_key(job.provider, key_id), self.line_key(job.provider, key_id),
+                                             keys.fair_tags(job.provider, key_id, "budget")],
+                                       args=[int(time.time() * 1000), interval, burst, job.id,
+                                             _PRIORITY_RANK[job.priority], job.tenant])
         return max(0.0, float(wait)) / 1000, int(place)
 
     async def leave_line(self, provider: str, key_id: str, job_id: str) -> None:
@@ -107,8 +104,9 @@ class Throttle:
         Without a requests-per-minute limit only a pause (a provider's Retry-After) can hold a key back.
         """
         interval, burst = self._interval_burst(provider)
-        wait, _ = await self._turn(keys=[self.rate_key(provider, key_id), self.line_key(provider, key_id)],
-                                   args=[int(time.time() * 1000), interval, burst, "", 0])
+        wait, _ = await self._turn(keys=[self.rate_key(provider, key_id), self.line_key(provider, key_id),
+                                         keys.fair_tags(provider, key_id, "budget")],
+                                   args=[int(time.time() * 1000), interval, burst, "", 0, ""])
         return max(0, math.ceil(float(wait)))
 
     async def pause(self, provider: str, key_id: str, seconds: float) -> None:

@@ -1,22 +1,33 @@
-"""Fairness for webhook deliveries: per-destination and per-tenant caps on attempts in flight, a
-circuit breaker per destination, and the parking lot of deliveries held back by them.
+"""Fairness for webhook deliveries: per-destination and per-tenant caps on active deliveries, a
+circuit breaker per destination, a waiting line per tenant and a parking lot.
 
 A destination is a registered endpoint, or a tenant's job/batch ``webhook_url`` origin (per tenant,
-so one tenant cannot open another's circuit). A delivery that may not go now is *parked*: it leaves
-the arq queue (so thousands of deliveries to dead endpoints never stand in front of a healthy
-endpoint's) and is queued again when its destination may take it (``take_parked``).
+so one tenant cannot open another's circuit). A delivery is *admitted* when it is created: if its
+destination and tenant have room it holds its places and goes to the arq queue; if not, it waits
+in its tenant's line (woken by the tenant's next finished attempt) or, while its destination's
+circuit is open, in the parking lot until the cool-down ends. So the queue holds at most a tenant's
+cap of its deliveries at once, and thousands of deliveries to dead endpoints stand in front of
+nobody. ``dispatch`` (``take_parked``) queues parked and woken deliveries again.
 """
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 
+from orchestrator.domain.webhooks import Delivery, destination
 from orchestrator.store import keys
-from orchestrator.store.queue import delivery_job_id
+from orchestrator.store.queue import Queue, delivery_job_id
 from orchestrator.store.scripts import script
+
+
+def ms_now() -> int:
+    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -29,50 +40,88 @@ class Gate:
 @dataclass(frozen=True)
 class CircuitRules:
     endpoint_concurrency: int = 8
-    tenant_concurrency: int = 0
+    tenant_concurrency: int = 50
     failures_to_open: int = 5
     cooldown_ms: int = 5_000
     max_cooldown_ms: int = 300_000
-    lease_ms: int = 15_000
+    lease_ms: int = 15_000  # an attempt's hold on its places (the timeout and some)
+    queue_lease_ms: int = 120_000  # an admitted delivery's hold while it waits in the queue
 
 
 class WebhookGates:
-    def __init__(self, redis: Redis, rules: CircuitRules) -> None:
+    def __init__(self, redis: Redis, rules: CircuitRules, queue: Queue) -> None:
         self.redis = redis
         self.rules = rules
+        self.queue = queue
         self._gate = script(redis, "webhook_gate")
         self._outcome = script(redis, "webhook_outcome")
         self._take = script(redis, "webhook_parked_take")
 
     @staticmethod
-    def _keys(destination: str, tenant: str) -> list[str]:
-        return [keys.webhook_destination(destination, "inflight"), keys.webhook_destination(destination, "circuit"),
-                keys.webhook_tenant_inflight(tenant)]
+    def _keys(delivery: Delivery) -> list[str]:
+        dest = destination(delivery)
+        return [keys.webhook_destination(dest, "inflight"), keys.webhook_destination(dest, "circuit"),
+                keys.webhook_tenant(delivery.tenant, "inflight"), keys.webhook_attempt(delivery.id),
+                keys.webhook_tenant(delivery.tenant, "waiting")]
 
-    async def acquire(self, destination: str, tenant: str, delivery_id: str, now_ms: int) -> Gate:
+    async def _pass(self, delivery: Delivery, mode: str, now_ms: int, lease_ms: int) -> Gate:
         r = self.rules
         verdict, wait, since = await self._gate(
-            keys=self._keys(destination, tenant),
-            args=[delivery_id, now_ms, r.lease_ms, r.endpoint_concurrency, r.tenant_concurrency])
+            keys=self._keys(delivery),
+            args=[delivery.id, mode, now_ms, lease_ms, r.endpoint_concurrency, r.tenant_concurrency, r.lease_ms,
+                  f"{delivery.id}:{len(delivery.attempts)}"])
         return Gate(verdict.decode() if isinstance(verdict, bytes) else str(verdict), int(wait), int(since))
 
-    async def outcome(self, destination: str, tenant: str, delivery_id: str, now_ms: int, ok: bool) -> int:
-        """Free the attempt's holds and count its outcome; returns when the circuit is open until (0: closed)."""
+    async def admit(self, deliveries: Sequence[Delivery], now_ms: int) -> None:
+        """New deliveries: queued now where their destination and tenant have room, else waiting in the
+        tenant's line or parked while the destination's circuit is open."""
+        for delivery in deliveries:
+            gate = await self._pass(delivery, "admit", now_ms, self.rules.queue_lease_ms)
+            if gate.verdict == "go":
+                await self.queue.deliver(delivery.id, len(delivery.attempts))
+            else:
+                await self.hold_back(delivery, gate, now_ms)
+
+    async def acquire(self, delivery: Delivery, now_ms: int) -> Gate:
+        """About to attempt ``delivery``: ``go`` (it holds its places), ``busy`` (another worker is making
+        this attempt), ``open`` (the destination's circuit) or ``full`` (it now waits in line)."""
+        return await self._pass(delivery, "attempt", now_ms, self.rules.lease_ms)
+
+    async def hold_back(self, delivery: Delivery, gate: Gate, now_ms: int) -> None:
+        """A delivery that may not go: parked until its destination's cool-down ends (spread over a
+        cool-down, so they do not all come back at once), or waiting in line (``full``); either way the
+        sweeper leaves it alone until then (its due time moves)."""
+        if gate.verdict == "open":
+            until = now_ms + gate.wait_ms + random.randint(0, max(gate.wait_ms, 1000))
+            await self.park(delivery.id, len(delivery.attempts), until, destination(delivery))
+        else:
+            await self.redis.zadd(keys.DELIVERIES_DUE, {delivery.id: now_ms + self.rules.queue_lease_ms}, xx=True)
+
+    async def outcome(self, delivery: Delivery, now_ms: int, ok: bool | None) -> int:
+        """Free the delivery's places (waking the tenant's oldest waiting delivery) and count the attempt's
+        outcome (``None``: no attempt was made); returns when the circuit is open until (0: closed)."""
         r = self.rules
         ttl = max(r.max_cooldown_ms * 4, 24 * 3600 * 1000)
+        result = "skip" if ok is None else ("1" if ok else "0")
         return int(await self._outcome(
-            keys=self._keys(destination, tenant),
-            args=[delivery_id, now_ms, 1 if ok else 0, r.failures_to_open, r.cooldown_ms, r.max_cooldown_ms, ttl]))
+            keys=[*self._keys(delivery), keys.DELIVERIES_PARKED,
+                  keys.webhook_destination(destination(delivery), "parked")],
+            args=[delivery.id, now_ms, result, r.failures_to_open, r.cooldown_ms, r.max_cooldown_ms, ttl]))
 
-    async def park(self, delivery_id: str, attempt: int, until_ms: int) -> None:
-        """Hold the delivery back until ``until_ms``; its due time moves along (the sweeper leaves it)."""
+    async def park(self, delivery_id: str, attempt: int, until_ms: int, dest: str | None = None) -> None:
+        """Hold the delivery back until ``until_ms`` (or until ``dest``, whose circuit is open, recovers);
+        its due time moves along (the sweeper leaves it)."""
+        member = f"{delivery_id}:{attempt}"
         pipe = self.redis.pipeline(transaction=True)
-        pipe.zadd(keys.DELIVERIES_PARKED, {f"{delivery_id}:{attempt}": until_ms})
+        pipe.zadd(keys.DELIVERIES_PARKED, {member: until_ms})
+        if dest is not None:
+            pipe.zadd(keys.webhook_destination(dest, "parked"), {member: until_ms})
+            pipe.pexpire(keys.webhook_destination(dest, "parked"), max(until_ms - ms_now(), 0) + 3_600_000)
         pipe.zadd(keys.DELIVERIES_DUE, {delivery_id: until_ms}, xx=True)
         await pipe.execute()
 
     async def take_parked(self, now_ms: int, limit: int = 1000) -> list[tuple[str, int]]:
-        """The parked deliveries now due, removed from the lot: ``(delivery id, attempt)``."""
+        """The parked (or woken) deliveries now due, removed from the lot: ``(delivery id, attempt)``."""
         members = await self._take(keys=[keys.DELIVERIES_PARKED], args=[now_ms, limit])
         taken = []
         for m in members:
@@ -88,6 +137,3 @@ class WebhookGates:
             pipe.exists(job_key_prefix + delivery_job_id(delivery_id, attempt))
         found = await pipe.execute()
         return [found[2 * i] is not None or bool(found[2 * i + 1]) for i in range(len(pairs))]
-
-    async def parked(self) -> int:
-        return int(await self.redis.zcard(keys.DELIVERIES_PARKED))

@@ -1,25 +1,43 @@
--- Record the outcome of delivery ARGV[1]'s attempt: free its holds; a success closes the circuit,
--- a failure counts, and ARGV[4] failures in a row open it for a cool-down that doubles with each
--- further failure (ARGV[5] ms, at most ARGV[6] ms).
--- KEYS: 1 destination in-flight zset, 2 destination circuit hash, 3 tenant in-flight zset
--- ARGV: 1 delivery id, 2 now ms, 3 ok (1|0), 4 failures to open, 5 cool-down ms, 6 longest cool-down ms,
---       7 circuit record ttl ms
+-- Record the outcome of delivery ARGV[1]'s attempt: free its places and its attempt marker, and wake
+-- the tenant's oldest waiting delivery (moved to the parked lot, due now).
+-- A success closes the circuit and wakes the destination's parked deliveries (due now). A failure
+-- counts; ARGV[4] failures in a row open the circuit for a cool-down of ARGV[5] ms, doubled each
+-- time it opens again (a failed probe), at most ARGV[6] ms. Attempts already under way when it
+-- opened count as failures but do not extend it.
+-- KEYS: 1 destination active zset, 2 destination circuit hash, 3 tenant active zset,
+--       4 attempt marker, 5 tenant waiting zset, 6 parked lot, 7 destination parked zset
+-- ARGV: 1 delivery id, 2 now ms, 3 ok (1|0; 'skip': no attempt was made), 4 failures to open,
+--       5 cool-down ms, 6 longest cool-down ms, 7 circuit record ttl ms
 -- Returns the time (ms) the circuit is open until, 0 when closed.
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[4])
+local woken = redis.call('ZPOPMIN', KEYS[5])
+if woken[1] then redis.call('ZADD', KEYS[6], ARGV[2], woken[1]) end
+if ARGV[3] == 'skip' then return 0 end
 if ARGV[3] == '1' then
-  redis.call('DEL', KEYS[2])
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('DEL', KEYS[2])
+    local parked = redis.call('ZRANGE', KEYS[7], 0, 999)
+    for _, member in ipairs(parked) do
+      redis.call('ZADD', KEYS[6], 'XX', ARGV[2], member)
+    end
+    if #parked > 0 then redis.call('ZREM', KEYS[7], unpack(parked)) end
+  end
   return 0
 end
 local now = tonumber(ARGV[2])
 local failures = redis.call('HINCRBY', KEYS[2], 'failures', 1)
 redis.call('HSETNX', KEYS[2], 'failing_since', ARGV[2])
-local open_until = 0
-local threshold = tonumber(ARGV[4])
-if failures >= threshold then
-  local cooldown = math.min(tonumber(ARGV[5]) * 2 ^ math.min(failures - threshold, 30), tonumber(ARGV[6]))
+local open_until = tonumber(redis.call('HGET', KEYS[2], 'open_until') or '0')
+if open_until > now then return open_until end  -- already open: a straggler does not extend it
+if failures >= tonumber(ARGV[4]) then
+  local opens = redis.call('HINCRBY', KEYS[2], 'opens', 1)
+  local cooldown = math.min(tonumber(ARGV[5]) * 2 ^ math.min(opens - 1, 30), tonumber(ARGV[6]))
   open_until = now + math.floor(cooldown)
   redis.call('HSET', KEYS[2], 'open_until', open_until)
+else
+  open_until = 0
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 return open_until
