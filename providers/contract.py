@@ -233,6 +233,11 @@ class ProviderSettings:
     # image can take minutes at high quality.
     request_timeout_by_model: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # The operator's additions to the model catalog (``[providers.<p>.models."<name>"]``, the schema of
+    # ``providers/catalog/*.toml``) and the models refused on this server whatever the catalog says.
+    models: dict[str, Any] = field(default_factory=dict)
+    retired_models: list[str] = field(default_factory=list)
+    prices: dict[str, Any] = field(default_factory=dict)  # negotiated prices per model (the catalog's Price)
 
     def request_timeout(self, model: str) -> float:
         by_model = self.request_timeout_by_model

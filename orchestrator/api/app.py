@@ -12,6 +12,7 @@ from orchestrator.api import (
     callbacks,
     jobs,
     misc,
+    models,
     observability,
     problems,
     streams,
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     app.include_router(jobs.router)
     app.include_router(batches.router)
+    app.include_router(models.router)
     app.include_router(streams.router)
     app.include_router(webhook_endpoints.router)
     app.include_router(misc.router)

@@ -24,6 +24,7 @@ from orchestrator.wire.jobs import (
     JobStatus,
     JobView,
 )
+from providers.catalog import CatalogError, lifecycle_verdict
 from providers.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -54,6 +55,12 @@ async def request_problem(rt: Runtime, tenant: str, request: JobRequest) -> tupl
         provider.validate(generation_request(request, source))
     except InvalidInput as exc:
         return 422, exc.field, exc.message
+    try:
+        refusal = lifecycle_verdict(provider.settings, request.model).refusal
+    except CatalogError as exc:
+        return 422, "model", f"the operator's catalog entry is invalid: {exc}"
+    if refusal is not None:
+        return 422, "model", refusal
     return None
 
 

@@ -1,6 +1,6 @@
 """The ``atelier`` command line.
 
-Server side:   serve, worker, dev, demo, sandbox, keys create, provider-keys list|restore, healthcheck
+Server side:   serve, worker, dev, demo, sandbox, keys create, provider-keys list|restore, models, healthcheck
 Client side:   submit, get, jobs list|get|cancel|wait, batch submit|status
                (talk to --url / ATELIER_URL with --api-key / ATELIER_API_KEY through orchestrator.client;
                see cli_client.py and cli_batch.py; provider-keys: cli_provider_keys.py)
@@ -21,6 +21,7 @@ import httpx
 
 from orchestrator.cli.batch import add_batch_commands
 from orchestrator.cli.client import CliError, add_jobs_commands, client_args, cmd_get, cmd_submit
+from orchestrator.cli.models import add_models_command
 from orchestrator.cli.provider_keys import add_provider_keys_commands
 from orchestrator.infra import logs
 from orchestrator.infra.settings import Settings
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_jobs_commands(sub)
     add_batch_commands(sub)
     add_provider_keys_commands(sub)
+    add_models_command(sub)
     return parser
 
 
@@ -205,7 +207,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
         async with dev_stack(api_port=args.port, sandbox_port=args.sandbox_port, storage_url=storage,
                              log_format="text") as stack:
             print(f"Atelier dev stack is up.\n  API:        {stack.api_url}   (docs: {stack.api_url}/docs)\n"
-                  f"  API key:    {stack.api_key}\n  simulators: {stack.sandbox_url}/<provider>\n"
+                  f"  API key:    {stack.api_key}\n"
+                  f"  dashboard:  {stack.api_url}/dashboard   (sign in with the API key)\n"
+                  f"  simulators: {stack.sandbox_url}/<provider>\n"
                   f"  storage:    {storage}\n  Redis:      {stack.settings.redis_url}\n"
                   f"Try:\n  export ATELIER_URL={stack.api_url} ATELIER_API_KEY={stack.api_key}\n"
                   f"  atelier submit --provider replicate --kind image --model black-forest-labs/flux-schnell "

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 from orchestrator.wire.jobs import (
+    JobCost,
     JobError,
     JobInput,
     JobKind,
@@ -113,6 +114,7 @@ class Job(BaseModel):
     progress: int | None = None
     phase: Phase | None = None
     note: str | None = None
+    cost: JobCost | None = None
     outputs: list[Output] = Field(default_factory=list)
     error: JobError | None = None
     attempts: int = 0

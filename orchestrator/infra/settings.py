@@ -55,6 +55,9 @@ class Settings(BaseSettings):
 
     # Secret for signing local-storage file URLs; generated and kept in Redis when unset.
     file_url_secret: SecretStr | None = None
+    # Secret for signing dashboard session cookies and CSRF tokens; generated and kept in Redis when unset.
+    dashboard_secret: SecretStr | None = None
+    dashboard_session_seconds: int = Field(8 * 3600, gt=0)
     output_url_ttl_seconds: int = 3600
     webhook_url_ttl_seconds: int = 7 * 24 * 3600
     max_output_bytes: int = 2 * 1024**3
@@ -257,6 +260,9 @@ class Settings(BaseSettings):
             rpm=_number(self._env(name, "rpm"), float) or file_cfg.pop("rpm", None),
             request_timeout_by_model=_timeouts_by_model(name, file_cfg.pop("request_timeout_by_model", {}),
                                                         "request_timeout_by_model"),
+            models=dict(file_cfg.pop("models", {})),
+            retired_models=[str(m) for m in file_cfg.pop("retired_models", [])],
+            prices=dict(file_cfg.pop("prices", {})),
             extra=extra | file_cfg,
         )
 

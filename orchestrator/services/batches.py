@@ -25,7 +25,7 @@ from orchestrator.domain.ids import derived_id, new_id, token
 from orchestrator.domain.job import BatchRecord, Job
 from orchestrator.domain.webhooks import Delivery
 from orchestrator.infra import metrics
-from orchestrator.services.jobs import Jobs
+from orchestrator.services.jobs import Jobs, model_cost, model_note
 from orchestrator.store.batches import BatchStore, finished_at
 from orchestrator.store.endpoints import Endpoints
 from orchestrator.store.jobs import Conflict, JobStore, ms
@@ -198,6 +198,7 @@ class Batches:
             metadata=item.metadata, priority=item.priority, retry_unknown_submissions=item.retry_unknown_submissions,
             batch_id=record.id, ref=ref, callback_token=token(), created_at=now, updated_at=now,
             timestamps={"queued": now}, deadline_at=deadline, operation=item.operation, source=item.source,
+            note=model_note(provider, item.model), cost=model_cost(provider, item),
         )
 
     # -- reading ------------------------------------------------------------------------

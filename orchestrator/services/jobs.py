@@ -31,7 +31,18 @@ from orchestrator.store.queue import Queue
 from orchestrator.store.tenants import tenant_retention
 from orchestrator.store.webhook_gates import WebhookGates
 from orchestrator.wire import limits
-from orchestrator.wire.jobs import TERMINAL, JobError, JobEvent, JobRequest, JobStatus, JobView, utcnow
+from orchestrator.wire.jobs import (
+    TERMINAL,
+    CostEstimate,
+    JobCost,
+    JobError,
+    JobEvent,
+    JobRequest,
+    JobStatus,
+    JobView,
+    utcnow,
+)
+from providers.catalog import estimate, lifecycle_verdict
 from providers.contract import ProviderSettings
 
 log = logging.getLogger("atelier.jobs")
@@ -50,6 +61,21 @@ def body_hash(request: JobRequest) -> str:
         del body["operation"], body["source"]  # hashed as before these fields existed (keys stay valid)
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def model_note(provider: ProviderSettings | None, model: str) -> str | None:
+    """The catalog's lifecycle note for a job accepted for ``model`` (a sunset model behind a gateway)."""
+    return lifecycle_verdict(provider, model).note if provider is not None else None
+
+
+def model_cost(provider: ProviderSettings | None, request: JobRequest) -> JobCost | None:
+    """The job's estimated cost from its model's price rule (``None`` without one)."""
+    if provider is None:
+        return None
+    found = estimate(provider, request.model, request.input.duration_seconds, request.input.num_outputs)
+    if found is None:
+        return JobCost()
+    return JobCost(estimated=CostEstimate(amount=found.amount, currency=found.currency, rule=found.rule))
 
 
 # Told that a job finished: (the job as saved, whether its change finished the job's batch).
@@ -114,6 +140,7 @@ class Jobs:
             callback_token=token(), created_at=now, updated_at=now, timestamps={"queued": now},
             deadline_at=deadline_for(request, provider, self.settings.job_timeout_seconds, now),
             operation=request.operation, source=request.source, key_id=key_id,
+            note=model_note(provider, request.model), cost=model_cost(provider, request),
         )
         job, created = await self.store.create(
             job, active_at=time.time() + self.settings.sweep_grace_seconds,

@@ -21,6 +21,7 @@ from orchestrator.services.retention import Reaper
 from orchestrator.services.slots import Slots
 from orchestrator.services.views import JobViews
 from orchestrator.store.batches import BatchStore
+from orchestrator.store.durations import Durations
 from orchestrator.store.endpoints import Endpoints
 from orchestrator.store.jobs import JobStore
 from orchestrator.store.polls import PollBoard
@@ -52,6 +53,7 @@ class Runtime:
     polls: PollBoard
     reaper: Reaper
     webhook_gates: WebhookGates
+    durations: Durations  # measured run times per model (the catalog's p50/p90)
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
@@ -88,18 +90,19 @@ class Runtime:
         polls = PollBoard(redis, store.ACTIVE)
         endpoints = Endpoints(store)
         slots = Slots(store, queue, throttle, polls)
+        durations = Durations(redis)
         batch_store = BatchStore(redis, settings.idempotency_ttl_seconds)
         events = BatchEvents(store, batch_store, endpoints, queue, settings.batch_progress_interval_seconds,
                              settings.retention_seconds, webhooks=gates)
         jobs = Jobs(settings, store, queue, JobViews(storage, settings.output_url_ttl_seconds), endpoints,
-                    finish_hooks=(slots.job_finished, events.on_job_finished),
+                    finish_hooks=(slots.job_finished, events.on_job_finished, durations.job_finished),
                     webhooks=gates)
         return cls(settings=settings, redis=redis, store=store, queue=queue, storage=storage,
                    registry=registry, jobs=jobs, batches=Batches(jobs, events), endpoints=endpoints, slots=slots,
                    http=client(200), provider_http={name: client(100) for name in registry.providers},
                    media_http=webhook_client(settings.http_timeout_seconds, settings.allow_private_fetches),
                    throttle=throttle, polls=polls, reaper=Reaper(store, batch_store, storage),
-                   webhook_gates=gates)
+                   webhook_gates=gates, durations=durations)
 
     def http_for(self, provider: str) -> httpx.AsyncClient:
         """The client for ``provider``'s API."""

@@ -40,4 +40,5 @@ class JobViews:
             webhook_url=job.webhook_url, batch_id=job.batch_id, ref=job.ref, created_at=job.created_at,
             updated_at=job.updated_at, timestamps=job.timestamps, deadline_at=job.deadline_at,
             sequence=job.version, operation=job.operation, source=job.source, expires_at=job.expires_at,
+            cost=job.cost,
         )

@@ -209,3 +209,9 @@ KEYS_OUT = f"{P}keyouts"  # set of "{provider}:{key_id}" out of the pool
 def key_out(provider: str, key_id: str) -> str:
     """Why a provider key is out of the pool (JSON), expiring when it is due for a recheck."""
     return f"{P}keyout:{provider}:{key_id}"
+
+
+# -- the model catalog ----------------------------------------------------------------------------
+def model_durations(provider: str, model: str) -> str:
+    """List of the run times (ms) of the model's latest succeeded jobs, newest first, capped."""
+    return f"{P}dur:{provider}:{model}"

@@ -158,6 +158,20 @@ class OutputView(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+class CostEstimate(BaseModel):
+    """What a job is estimated to cost, from its model's price rule (``rule`` says how)."""
+
+    amount: float
+    currency: str = "USD"
+    rule: str
+
+
+class JobCost(BaseModel):
+    """``estimated`` at acceptance from the catalog's price rule (``null`` when the model has none)."""
+
+    estimated: CostEstimate | None = None
+
+
 class JobView(BaseModel):
     """A job as clients see it (API responses and webhook payloads)."""
 
@@ -190,6 +204,7 @@ class JobView(BaseModel):
     deadline_at: datetime | None
     sequence: int
     expires_at: datetime | None = None  # when the finished job and its stored outputs are deleted
+    cost: JobCost | None = None
 
 
 class JobEvent(BaseModel):
