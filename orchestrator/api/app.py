@@ -18,6 +18,7 @@ from orchestrator.api import (
     streams,
     webhook_endpoints,
 )
+from orchestrator.api.facades import openai as openai_facade
 from orchestrator.api.limits import BodySizeLimit
 from orchestrator.infra.settings import Settings
 from orchestrator.services.runtime import Runtime
@@ -49,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(misc.router)
     app.include_router(callbacks.router)
     app.include_router(observability.router)
+    app.include_router(openai_facade.router)  # /openai/v1: OpenAI Images and Videos over Atelier jobs
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
-                       overrides={"/v1/batches": settings.max_batch_request_bytes})
+                       overrides={"/v1/batches": settings.max_batch_request_bytes,
+                                  "/openai/v1/": openai_facade.MAX_BODY_BYTES})
     return app

@@ -32,6 +32,10 @@ class Reaper:
             if member.startswith("batch:"):
                 await self.batch_store.delete(member.removeprefix("batch:"))
                 continue
+            if member.startswith("input:"):  # a file a tenant uploaded as a job's input (the OpenAI facade)
+                await self.storage.delete(member.removeprefix("input:"))
+                await self.store.forget_expiry(member)
+                continue
             job = None
             with contextlib.suppress(UnreadableRecord):  # quarantined by get_many; its keys go anyway
                 job = (await self.store.get_many([member]))[0]

@@ -255,28 +255,39 @@ class JobStore:
         created_to: float | None = None,
         cursor: str | None = None,
         limit: int = 50,
+        kind: str | None = None,
+        oldest_first: bool = False,
     ) -> Page:
-        """Newest first; ``cursor`` is the last id of the previous page."""
+        """Newest first (``oldest_first``: oldest first); ``cursor`` is the last id of the previous page."""
         key = self.tenant_key(tenant, status)
-        upper = f"({cursor}" if cursor else "+"
+        upper = f"({cursor}" if cursor and not oldest_first else "+"
         if created_to is not None:
             bound = f"[job_{time_prefix(ms(created_to) + 1)}"
             upper = bound if upper == "+" or bound < upper else upper
         lower = f"[job_{time_prefix(ms(created_from))}" if created_from is not None else "-"
+        if cursor and oldest_first:
+            lower = f"({cursor}" if lower == "-" or cursor >= lower[1:] else lower
         found: list[Job] = []
         scanned = 0
         while len(found) < limit and scanned < 20 * limit + 1000:
-            ids = await self.redis.zrevrangebylex(key, upper, lower, start=0, num=limit * 2)
+            if oldest_first:
+                ids = await self.redis.zrangebylex(key, lower, upper, start=0, num=limit * 2)
+            else:
+                ids = await self.redis.zrevrangebylex(key, upper, lower, start=0, num=limit * 2)
             if not ids:
                 return Page(found, None)
             ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
             scanned += len(ids)
             for job in await self.get_many(ids):
-                if job is not None and (provider is None or job.provider == provider):
+                if job is not None and (provider is None or job.provider == provider) and (
+                        kind is None or job.kind == kind):
                     found.append(job)
                     if len(found) == limit:
                         return Page(found, job.id)
-            upper = f"({ids[-1]}"
+            if oldest_first:
+                lower = f"({ids[-1]}"
+            else:
+                upper = f"({ids[-1]}"
         return Page(found, found[-1].id if found else None)
 
     # -- provider task index ---------------------------------------------------
@@ -290,12 +301,15 @@ class JobStore:
 
     # -- retention ---------------------------------------------------------------------
     async def retention_due(self, now: float, limit: int = 200) -> list[str]:
-        """Members of the retention schedule whose time came: job ids, and ``batch:{id}``."""
+        """Members of the retention schedule whose time came: job ids, ``batch:{id}`` and ``input:{storage key}``."""
         raw = await self.redis.zrangebyscore(keys.RETENTION, "-inf", ms(now), start=0, num=limit)
         return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
 
     async def schedule_expiry(self, member: str, at: float) -> None:
         await self.redis.zadd(keys.RETENTION, {member: ms(at)})
+
+    async def forget_expiry(self, member: str) -> None:
+        await self.redis.zrem(keys.RETENTION, member)
 
     async def delete_job(self, job_id: str, job: Job | None) -> None:
         """Remove every record of a finished job: the job, its events, its deliveries and their index
