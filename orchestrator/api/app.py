@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from orchestrator.api import (
     batches,
     callbacks,
+    dashboard,
     jobs,
     misc,
     models,
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(callbacks.router)
     app.include_router(observability.router)
     app.include_router(openai_facade.router)  # /openai/v1: OpenAI Images and Videos over Atelier jobs
+    app.include_router(dashboard.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
                        overrides={"/v1/batches": settings.max_batch_request_bytes,
                                   "/openai/v1/": openai_facade.MAX_BODY_BYTES})
