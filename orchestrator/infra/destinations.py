@@ -27,6 +27,7 @@ import httpcore
 import httpx
 from httpcore import AsyncNetworkBackend, AsyncNetworkStream
 
+from orchestrator.infra.tls import client_ssl_context
 from providers.http import DestinationRefused as _DestinationRefused
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -220,7 +221,7 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
     def __init__(self, limits: httpx.Limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
                  ) -> None:
         super().__init__(trust_env=False, limits=limits)
-        ssl_context = httpx.create_ssl_context(trust_env=False)
+        ssl_context = client_ssl_context(trust_env=False)
         assert isinstance(self._pool, httpcore.AsyncConnectionPool), "httpx changed its transport"
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context, max_connections=limits.max_connections,
@@ -233,6 +234,7 @@ def webhook_client(timeout: float, allow_private: bool) -> httpx.AsyncClient:
     """The HTTP client deliveries use: guarded unless private destinations are allowed."""
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     if allow_private:
-        return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, limits=limits)
+        return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, limits=limits,
+                                 verify=client_ssl_context())
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False,
                              transport=GuardedTransport(limits))

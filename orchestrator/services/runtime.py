@@ -15,6 +15,7 @@ from orchestrator.infra import logs, metrics
 from orchestrator.infra.destinations import webhook_client
 from orchestrator.infra.settings import Settings
 from orchestrator.infra.storage import Storage, open_storage
+from orchestrator.infra.tls import client_ssl_context
 from orchestrator.services.batches import Batches, BatchEvents
 from orchestrator.services.jobs import Jobs
 from orchestrator.services.retention import Reaper
@@ -75,6 +76,7 @@ class Runtime:
             # every request; with 50 kept alive a request cost ~1.7 ms of CPU, with 5 ~0.6 ms (measured).
             return metrics.MeteredClient(
                 classify, timeout=httpx.Timeout(settings.http_timeout_seconds, connect=10.0),
+                verify=client_ssl_context(),
                 limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=KEEPALIVE),
                 follow_redirects=False)
 
