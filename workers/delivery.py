@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.domain.webhooks import Delivery, Endpoint
+from orchestrator.domain.webhooks import Delivery, Endpoint, destination
 from orchestrator.infra import metrics
 from orchestrator.infra.destinations import DestinationRefused
 from orchestrator.infra.logs import redact_url
@@ -149,7 +149,7 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | 
     if opened:
         log.info("webhook destination of %s failing: circuit open for %.1f s", redact_url(delivery.url),
                  (opened - time.time() * 1000) / 1000, extra=await _log_extra(rt, delivery, "webhook.circuit_open"))
-    await _record(rt, delivery, endpoint, out)
+    await _record(rt, delivery, endpoint, out, opened)
 
 
 async def _hold_back(rt: Runtime, delivery: Delivery, gate: Gate, now_ms: int) -> None:
@@ -200,8 +200,10 @@ async def _attempt(ctx: dict[str, Any], rt: Runtime, delivery: Delivery, secrets
     return await post(ctx["webhook_http"], delivery.url, body, headers, rt.settings.webhook_timeout_seconds)
 
 
-async def _record(rt: Runtime, delivery: Delivery, endpoint: Endpoint | None, out: Outcome) -> None:
-    """Record an attempt; schedule the next one, or end the delivery."""
+async def _record(rt: Runtime, delivery: Delivery, endpoint: Endpoint | None, out: Outcome,
+                  open_until: int = 0) -> None:
+    """Record an attempt; schedule the next one (``open_until``: the destination's circuit is open), or end
+    the delivery."""
     endpoints = rt.endpoints
     delivery.attempts.append(Attempt(at=utcnow(), status_code=out.status_code, latency_ms=out.latency_ms,
                                      error=out.error, response_excerpt=out.excerpt))
@@ -230,7 +232,11 @@ async def _record(rt: Runtime, delivery: Delivery, endpoint: Endpoint | None, ou
                  out.describe(), delay, extra=await _log_extra(rt, delivery, "webhook.retry"))
     metrics.webhook_attempt("retry" if delivery.status == "pending" else delivery.status, out.latency_ms / 1000)
     if await rt.store.save_delivery(delivery) and delivery.status == "pending":
-        await rt.queue.deliver(delivery.id, len(delivery.attempts), delay)
+        if open_until:  # its destination is down: the retry waits outside the queue (woken if it recovers)
+            until = max(int(delivery.next_attempt_at.timestamp() * 1000), open_until + random.randint(0, 1000))
+            await rt.webhook_gates.park(delivery.id, len(delivery.attempts), until, destination(delivery))
+        else:
+            await rt.queue.deliver(delivery.id, len(delivery.attempts), delay)
 
 
 async def _log_extra(rt: Runtime, delivery: Delivery, event: str) -> dict[str, str | None]:

@@ -80,6 +80,8 @@ async def dev_stack(
                 "sandbox_url": sandbox_url, "public_url": f"http://127.0.0.1:{port}",
                 "poll_min_seconds": 0.2, "poll_max_seconds": 2.0,
                 "webhook_retry_schedule": "0,0.5,1,2,5", "sweep_grace_seconds": 30.0,
+                # the circuit's cool-downs compressed like the retry schedule
+                "webhook_circuit_cooldown_seconds": 0.5, "webhook_circuit_max_cooldown_seconds": 2.0,
                 "webhook_allow_private": True,  # receivers run on loopback
             }
             settings = Settings(**(defaults | overrides))

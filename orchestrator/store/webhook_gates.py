@@ -94,8 +94,8 @@ class WebhookGates:
         if gate.verdict == "open":
             until = now_ms + gate.wait_ms + random.randint(0, max(gate.wait_ms, 1000))
             await self.park(delivery.id, len(delivery.attempts), until, destination(delivery))
-        else:
-            await self.redis.zadd(keys.DELIVERIES_DUE, {delivery.id: now_ms + self.rules.queue_lease_ms}, xx=True)
+        else:  # woken by the tenant's next finished attempt; if that wake is lost, the sweeper queues it
+            await self.redis.zadd(keys.DELIVERIES_DUE, {delivery.id: now_ms + self.rules.lease_ms}, xx=True)
 
     async def outcome(self, delivery: Delivery, now_ms: int, ok: bool | None) -> int:
         """Free the delivery's places (waking the tenant's oldest waiting delivery) and count the attempt's
