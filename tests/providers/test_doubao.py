@@ -289,26 +289,29 @@ async def test_ambiguous_create_is_reconciled_through_the_task_list(redis_url):
 
 
 async def test_an_ambiguous_lost_create_is_never_resubmitted(redis_url):
-    # Two jobs with the same model and parameters (Ark echoes no prompt) lose their creates at once:
-    # each finds two tasks that could be its own, so both fail rather than pay for more tasks, even
-    # though they allow retrying unknown submissions.
-    async with dev_stack(redis_url=redis_url, http_timeout_seconds=1.0, log_format="text") as stack, \
+    # A job's create is lost (the answer times out after Ark made the task); before it looks, a twin
+    # with the same model and parameters appears (Ark echoes no prompt). Either could be the job's, so
+    # it fails rather than pay for a third task, even though it allows retrying unknown submissions.
+    async with dev_stack(redis_url=redis_url, http_timeout_seconds=1.5, log_format="text") as stack, \
             api(stack) as client:
-        await sim_faults(stack, "doubao", {"kind": "timeout", "route": "create", "after_effect": True, "delay": 2,
-                                           "count": 2})
-        ids = []
-        for prompt in ("a kitten", "a second kitten"):
-            resp = await client.post("/v1/jobs", json={
-                "provider": "doubao", "kind": "video", "model": PRO, "retry_unknown_submissions": True,
-                "input": {"prompt": prompt, "aspect_ratio": "4:3", "duration_seconds": 10}})
-            assert resp.status_code == 202, resp.text
-            ids.append(resp.json()["id"])
-        done = [await wait_for(client, job_id, timeout=90) for job_id in ids]
+        await sim_faults(stack, "doubao", {"kind": "timeout", "route": "create", "after_effect": True, "delay": 3})
+        resp = await client.post("/v1/jobs", json={
+            "provider": "doubao", "kind": "video", "model": PRO, "retry_unknown_submissions": True,
+            "input": {"prompt": "a kitten", "aspect_ratio": "4:3", "duration_seconds": 10}})
+        assert resp.status_code == 202, resp.text
+        deadline = time.monotonic() + 10
+        while not sim(stack).tasks and time.monotonic() < deadline:  # the lost task exists
+            await asyncio.sleep(0.02)
+        (lost,) = sim(stack).tasks.values()
+        async with httpx.AsyncClient(timeout=5) as http:  # the twin, as another client would create it
+            twin = await http.post(f"{stack.simulator_url('doubao')}/api/v3/contents/generations/tasks",
+                                   json=lost.input, headers={"Authorization": "Bearer sandbox-key"})
+            assert twin.status_code == 200, twin.text
+        done = await wait_for(client, resp.json()["id"], timeout=60)
         stats = await sim_stats(stack, "doubao")
-    for job in done:
-        assert job["status"] == "failed" and job["error"]["code"] == "provider_outcome_unknown", job
-        assert "2 Ark tasks match" in job["error"]["message"] and "not resubmitted" in job["error"]["message"]
-    assert stats["creations"] == 2, stats  # the two lost ones; never a third
+    assert done["status"] == "failed" and done["error"]["code"] == "provider_outcome_unknown", done
+    assert "2 Ark tasks match" in done["error"]["message"] and "not resubmitted" in done["error"]["message"]
+    assert stats["creations"] == 2, stats  # the lost one and the twin; never a third
 
 
 async def test_reconcile_takes_only_an_unambiguous_match():
