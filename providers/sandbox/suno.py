@@ -653,15 +653,9 @@ class SunoApiSimulator(Simulator):
 
     # -- generate ------------------------------------------------------------
     async def generate(self, request: Request) -> Response:
-        if (denied := self._auth(request)) is not None:
-            return denied
-        if (injected := await self.fault("generate")) is not None:
-            return injected
-        if self._throttled(request):
-            return self.reply(430)
-        body = await read_json_object(request)
-        if body is None:
-            return self.reply(400, "Request body must be a JSON object")
+        refused, body = await self._creating_request(request, "generate")
+        if refused is not None:
+            return refused
         problem = self._validate(body)
         if problem is None and body["customMode"]:
             problem = self._persona_problem(body)
@@ -724,17 +718,25 @@ class SunoApiSimulator(Simulator):
                 return 413, f"{name} exceeds {limit} characters"
         return None
 
-    # -- extend --------------------------------------------------------------
-    async def extend(self, request: Request) -> Response:
+    async def _creating_request(self, request: Request, route: str) -> tuple[Response | None, dict[str, Any]]:
+        """What every creating route checks first, in sunoapi's order: the key, an injected fault, the
+        call frequency (code 430), a JSON object body. ``(refusal, {})`` or ``(None, body)``."""
         if (denied := self._auth(request)) is not None:
-            return denied
-        if (injected := await self.fault("extend")) is not None:
-            return injected
+            return denied, {}
+        if (injected := await self.fault(route)) is not None:
+            return injected, {}
         if self._throttled(request):
-            return self.reply(430)
+            return self.reply(430), {}
         body = await read_json_object(request)
         if body is None:
-            return self.reply(400, "Request body must be a JSON object")
+            return self.reply(400, "Request body must be a JSON object"), {}
+        return None, body
+
+    # -- extend --------------------------------------------------------------
+    async def extend(self, request: Request) -> Response:
+        refused, body = await self._creating_request(request, "extend")
+        if refused is not None:
+            return refused
         problem = self._validate_extend(body)
         if problem is not None:
             return self.reply(*problem)
@@ -903,15 +905,9 @@ class SunoApiSimulator(Simulator):
 
     # -- lyrics --------------------------------------------------------------
     async def lyrics(self, request: Request) -> Response:
-        if (denied := self._auth(request)) is not None:
-            return denied
-        if (injected := await self.fault("lyrics")) is not None:
-            return injected
-        if self._throttled(request):
-            return self.reply(430)
-        body = await read_json_object(request)
-        if body is None:
-            return self.reply(400, "Request body must be a JSON object")
+        refused, body = await self._creating_request(request, "lyrics")
+        if refused is not None:
+            return refused
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             return self.reply(400, "prompt is required")
@@ -1014,15 +1010,9 @@ class SunoApiSimulator(Simulator):
 
     # -- WAV conversion --------------------------------------------------------
     async def wav(self, request: Request) -> Response:
-        if (denied := self._auth(request)) is not None:
-            return denied
-        if (injected := await self.fault("wav")) is not None:
-            return injected
-        if self._throttled(request):
-            return self.reply(430)
-        body = await read_json_object(request)
-        if body is None:
-            return self.reply(400, "Request body must be a JSON object")
+        refused, body = await self._creating_request(request, "wav")
+        if refused is not None:
+            return refused
         for name in ("taskId", "audioId"):
             if not isinstance(body.get(name), str) or not body[name]:
                 return self.reply(400, f"{name} is required")
@@ -1107,15 +1097,9 @@ class SunoApiSimulator(Simulator):
 
     # -- persona -------------------------------------------------------------
     async def generate_persona(self, request: Request) -> Response:
-        if (denied := self._auth(request)) is not None:
-            return denied
-        if (injected := await self.fault("persona")) is not None:
-            return injected
-        if self._throttled(request):
-            return self.reply(430)
-        body = await read_json_object(request)
-        if body is None:
-            return self.reply(400, "Request body must be a JSON object")
+        refused, body = await self._creating_request(request, "persona")
+        if refused is not None:
+            return refused
         problem = self._persona_request_problem(body)
         if problem is not None:
             return self.reply(*problem)
