@@ -66,8 +66,10 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
 
 async def _rescue_deliveries(rt: Runtime, now: float, grace: float) -> int:
     """Queue again the pending deliveries whose attempt is overdue and in no queue: neither parked nor
-    waiting or running in arq (a lost entry). One that is merely late (a long queue, a slow receiver)
-    is left where it is and looked at again after the grace period: each attempt is queued once."""
+    waiting or running in arq (a lost entry), or held as running by arq with no worker making it (a
+    killed worker). One that is merely late (a long queue, a slow receiver) is left where it is and
+    looked at again after the grace period: each attempt is queued once (a stalled one twice at most;
+    the attempt marker and the attempt number keep the two from both posting)."""
     pending = []
     for delivery_id in await rt.store.overdue_deliveries(now - grace):
         delivery = await rt.store.get_delivery(delivery_id)
@@ -77,10 +79,12 @@ async def _rescue_deliveries(rt: Runtime, now: float, grace: float) -> int:
             pending.append(delivery)
     pairs = [(d.id, len(d.attempts)) for d in pending]
     rescued = 0
-    for pair, waiting in zip(pairs, await rt.webhook_gates.waiting(pairs), strict=True):
-        if not waiting:
-            # The attempt's own arq id: a dead worker's lease on it only delays it (arq retries it).
+    for pair, state in zip(pairs, await rt.webhook_gates.waiting(pairs), strict=True):
+        if state == "lost":  # the attempt's own arq id
             await rt.queue.deliver(*pair)
+            rescued += 1
+        elif state == "stalled":  # arq holds the dead worker's id until its timeout: a fresh one now
+            await rt.queue.deliver(*pair, tag=f":s{int(now)}")
             rescued += 1
         # Only the due time moves (the record is the attempt's to write): looked at again after the grace.
         await rt.store.touch_due_delivery(pair[0], now)

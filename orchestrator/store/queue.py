@@ -160,10 +160,11 @@ class Queue:
     async def cancel_at_provider(self, job_id: str) -> bool:
         return await self._enqueue("cancel_at_provider", f"cancel:{job_id}", self.jobs_queue, 0, job_id)
 
-    async def deliver(self, delivery_id: str, attempt: int, defer: float = 0) -> bool:
-        """Queue attempt ``attempt`` (the count of attempts made so far) unless it is queued already."""
-        return await self._enqueue("deliver_webhook", delivery_job_id(delivery_id, attempt), self.webhooks_queue,
-                                   defer, delivery_id, attempt)
+    async def deliver(self, delivery_id: str, attempt: int, defer: float = 0, tag: str = "") -> bool:
+        """Queue attempt ``attempt`` (the count of attempts made so far) unless it is queued already
+        (``tag``: a second id, for an attempt whose first is held by a dead worker)."""
+        return await self._enqueue("deliver_webhook", delivery_job_id(delivery_id, attempt) + tag,
+                                   self.webhooks_queue, defer, delivery_id, attempt)
 
     async def deliver_many(self, pairs: Sequence[tuple[str, int]]) -> list[bool]:
         """Queue many ``(delivery id, attempt)`` now, in one pipeline; ``False`` where already queued."""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from arq.constants import job_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.asyncio import Redis
 
 from orchestrator.domain.webhooks import Delivery, destination
@@ -129,11 +129,23 @@ class WebhookGates:
             taken.append((delivery_id, int(attempt)))
         return taken
 
-    async def waiting(self, pairs: list[tuple[str, int]]) -> list[bool]:
-        """For each ``(delivery id, attempt)``: is it parked or in the queue (waiting or running)?"""
+    async def waiting(self, pairs: list[tuple[str, int]]) -> list[str]:
+        """For each ``(delivery id, attempt)``: ``queued`` (parked, or waiting or running in arq), ``stalled``
+        (arq holds it as running but no worker is making the attempt: its worker died, and arq would
+        only retry it after the function's timeout) or ``lost`` (in no queue)."""
         pipe = self.redis.pipeline(transaction=False)
         for delivery_id, attempt in pairs:
+            arq_id = delivery_job_id(delivery_id, attempt)
             pipe.zscore(keys.DELIVERIES_PARKED, f"{delivery_id}:{attempt}")
-            pipe.exists(job_key_prefix + delivery_job_id(delivery_id, attempt))
+            pipe.exists(job_key_prefix + arq_id)
+            pipe.exists(in_progress_key_prefix + arq_id)
+            pipe.exists(keys.webhook_attempt(delivery_id))
         found = await pipe.execute()
-        return [found[2 * i] is not None or bool(found[2 * i + 1]) for i in range(len(pairs))]
+        states = []
+        for i in range(len(pairs)):
+            parked, queued, running, attempting = found[4 * i:4 * i + 4]
+            if parked is not None or (queued and not (running and not attempting)):
+                states.append("queued")
+            else:
+                states.append("stalled" if queued else "lost")
+        return states

@@ -80,7 +80,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "minimax": {"kind": "video", "model": "MiniMax-Hailuo-02", "reconciles": False},
     # Ark echoes no prompt: a lost create among like tasks cannot be told apart (AmbiguousMatch).
     "doubao": {"kind": "video", "model": "doubao-seedance-1-0-pro-250528", "reconciles": False},
-    "dashscope": {"kind": "video", "model": "wan2.2-t2v-plus", "reconciles": True},
+    # DashScope shows a task's prompt only once it has finished: a lost create among unfinished like
+    # tasks is ambiguous until then, and its lookup reads up to 10 tasks; not exact under a storm.
+    "dashscope": {"kind": "video", "model": "wan2.2-t2v-plus", "reconciles": False},
 }
 
 
