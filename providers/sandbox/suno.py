@@ -732,6 +732,19 @@ class SunoApiSimulator(Simulator):
             return self.reply(400, "Request body must be a JSON object"), {}
         return None, body
 
+    async def _created(self, task: SimTask, body: dict[str, Any], route: str,
+                       callbacks: Callable[[SimTask], list[tuple[float, dict[str, Any]]]],
+                       callback_kind: str) -> Response:
+        """What every follow-up route does once its task exists: count the creation, schedule the
+        documented callbacks, an injected after-effect fault, then ``{"taskId"}``."""
+        self.record_creation(f"{route}:" + json.dumps(body, sort_keys=True))
+        url = body.get("callBackUrl")
+        if isinstance(url, str) and url:
+            self._schedule_callbacks(task, url, callbacks, callback_kind)
+        if (injected := await self.fault(route, after_effect=True)) is not None:
+            return injected
+        return self.reply(200, "success", {"taskId": task.id})
+
     # -- extend --------------------------------------------------------------
     async def extend(self, request: Request) -> Response:
         refused, body = await self._creating_request(request, "extend")
@@ -776,13 +789,7 @@ class SunoApiSimulator(Simulator):
         for cid in task.data["clips"]:
             self.clips[cid] = task.id
         self.tasks[task.id] = task
-        self.record_creation("extend:" + json.dumps(body, sort_keys=True))
-        url = body.get("callBackUrl")
-        if isinstance(url, str) and url:
-            self._schedule_callbacks(task, url, self.callback_bodies, "music")
-        if (injected := await self.fault("extend", after_effect=True)) is not None:
-            return injected
-        return self.reply(200, "success", {"taskId": task.id})
+        return await self._created(task, body, "extend", self.callback_bodies, "music")
 
     def _validate_extend(self, body: dict[str, Any]) -> tuple[int, str] | None:
         if not isinstance(body.get("defaultParamFlag"), bool):
@@ -923,13 +930,7 @@ class SunoApiSimulator(Simulator):
         task = SimTask.create(secrets.token_hex(16), self.config, prompt, input=body,
                               data={"origin": self.origin(request)})
         self.lyrics_tasks[task.id] = task
-        self.record_creation("lyrics:" + json.dumps(body, sort_keys=True))
-        url = body.get("callBackUrl")
-        if isinstance(url, str) and url:
-            self._schedule_callbacks(task, url, self.lyrics_callback_bodies, "lyrics")
-        if (injected := await self.fault("lyrics", after_effect=True)) is not None:
-            return injected
-        return self.reply(200, "success", {"taskId": task.id})
+        return await self._created(task, body, "lyrics", self.lyrics_callback_bodies, "lyrics")
 
     def lyrics_status(self, task: SimTask, now: float | None = None) -> str:
         phase = task.phase(now)
@@ -1039,13 +1040,7 @@ class SunoApiSimulator(Simulator):
             task.outcome = "fail"
         self.wav_tasks[task.id] = task
         self.wav_by_audio[audio] = task.id
-        self.record_creation("wav:" + json.dumps(body, sort_keys=True))
-        url = body.get("callBackUrl")
-        if isinstance(url, str) and url:
-            self._schedule_callbacks(task, url, self.wav_callback_bodies, "wav")
-        if (injected := await self.fault("wav", after_effect=True)) is not None:
-            return injected
-        return self.reply(200, "success", {"taskId": task.id})
+        return await self._created(task, body, "wav", self.wav_callback_bodies, "wav")
 
     def wav_status(self, task: SimTask, now: float | None = None) -> str:
         if task.phase(now) != "done":
