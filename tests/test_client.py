@@ -28,14 +28,16 @@ from orchestrator.sdk.client import (
     ConflictError,
     InvalidRequestError,
     JobEvent,
+    JobInput,
+    JobKind,
     JobRequest,
     JobStatus,
     JobView,
+    JobWebhookEvent,
     NotFoundError,
     WebhookVerificationError,
     verify_webhook,
 )
-from orchestrator.wire.jobs import JobInput, JobKind
 from orchestrator.wire.signing import sign
 from providers.sandbox.serve import serving
 from tests.helpers import WebhookReceiver
@@ -212,11 +214,11 @@ async def test_verify_webhook_on_a_real_delivery(stack):
         await receiver.wait(2)
         secret = await c.webhook_secret()
     events = [verify_webhook(secret, headers, body) for headers, body in receiver.deliveries]
-    assert [e["type"] for e in events] == ["job.running", "job.succeeded"]
-    assert events[-1]["data"]["id"] == job.id
+    assert [e.type for e in events] == ["job.running", "job.succeeded"]
+    assert all(isinstance(e, JobWebhookEvent) for e in events) and events[-1].data.id == job.id
 
     headers, body = receiver.deliveries[-1]
-    assert verify_webhook([new_secret(), secret], headers, body.decode())["data"]["id"] == job.id  # rotation
+    assert verify_webhook([new_secret(), secret], headers, body.decode()).data.id == job.id  # rotation
     with pytest.raises(WebhookVerificationError, match="signature"):
         verify_webhook(secret, headers, body.replace(b"succeeded", b"failed"))
     with pytest.raises(WebhookVerificationError, match="signature"):
@@ -228,4 +230,5 @@ async def test_verify_webhook_on_a_real_delivery(stack):
                        "webhook-signature": sign(secret, headers["webhook-id"], old, body)}
     with pytest.raises(WebhookVerificationError, match="stale"):
         verify_webhook(secret, stale, body)
-    assert verify_webhook(secret, stale, body, tolerance=None) == json.loads(body)
+    replayed = verify_webhook(secret, stale, body, tolerance=None)
+    assert replayed.model_dump(mode="json")["data"] == json.loads(body)["data"]

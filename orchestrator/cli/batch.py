@@ -30,18 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from orchestrator.cli.client import (
-    CliError,
-    UsageError,
-    client_args,
-    client_errors,
-    describe,
-    make_async_client,
-    make_client,
-    print_json,
-    usage,
-)
-from orchestrator.sdk.client import (
+from atelier_client import (
     APIConnectionError,
     APIError,
     AsyncClient,
@@ -53,6 +42,18 @@ from orchestrator.sdk.client import (
     PayloadTooLargeError,
     ServerError,
     StreamError,
+)
+
+from orchestrator.cli.client import (
+    CliError,
+    UsageError,
+    client_args,
+    client_errors,
+    describe,
+    make_async_client,
+    make_client,
+    print_json,
+    usage,
 )
 from orchestrator.wire.batches import MAX_BATCH_ITEMS
 

@@ -1,9 +1,10 @@
-"""Client-side ``atelier`` commands: ``submit``, ``get`` and ``jobs list|get|cancel|wait``.
+"""Client-side ``atelier`` commands: ``submit``, ``get`` and ``jobs list|get|cancel|wait|download``.
 
 They talk to ``--url``/``ATELIER_URL`` with ``--api-key``/``ATELIER_API_KEY``
-through ``orchestrator.client`` and turn its errors into one clear line
-(connection refused, 401, a 4xx problem's detail). Batch commands live in
-``orchestrator.cli_batch``.
+through the client package (``atelier_client``) and turn its errors into one
+clear line (connection refused, 401, a 4xx problem's detail). Batch commands
+live in ``cli/batch.py``, ``run`` in ``cli/run.py``, ``webhooks`` in
+``cli/webhooks.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from orchestrator.sdk.client import (
+from atelier_client import (
     APIConnectionError,
     APIError,
     AsyncClient,
@@ -170,6 +171,12 @@ def add_jobs_commands(sub: Any) -> None:
                    help="seconds between polls when the event stream is unavailable")
     p.set_defaults(run=cmd_jobs_wait)
 
+    p = jobs.add_parser("download", help="download a job's outputs (sha256 checked)")
+    client_args(p)
+    p.add_argument("job_id")
+    p.add_argument("--dir", default=".", help="into this directory (default: the current one)")
+    p.set_defaults(run=cmd_jobs_download)
+
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     if args.limit < 1:
@@ -214,3 +221,16 @@ def cmd_jobs_wait(args: argparse.Namespace) -> int:
             raise CliError(f"{exc}; it keeps running (atelier jobs wait {args.job_id} to wait again)") from exc
     print_json(_view_json(job))
     return 0 if job.status == JobStatus.succeeded else 1
+
+
+def cmd_jobs_download(args: argparse.Namespace) -> int:
+    """Each output as ``{job id}-{index}{ext}`` in ``--dir``; one path per line on stdout."""
+    with client_errors(args), make_client(args) as client:
+        job = client.get(args.job_id)
+        if not job.outputs:
+            state = f"{job.status.value}" + (f" ({job.error.code}: {job.error.message})" if job.error else "")
+            raise CliError(f"job {job.id} has no outputs to download: it is {state}")
+        files = client.download_outputs(job, args.dir)
+    for path in files:
+        print(path)
+    return 0

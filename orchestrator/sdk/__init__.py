@@ -1,1 +1,1 @@
-"""The Python client SDK: depends only on ``orchestrator.wire``, httpx and pydantic."""
+"""The Python client's earlier home: a re-export of ``atelier_client`` (``clients/python/``)."""
