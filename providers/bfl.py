@@ -33,6 +33,9 @@ per-job ``webhook_secret`` (derived from that token). BFL's signature scheme is 
 callback is authenticated by the token (``callback_auth = "token"``) and, like every callback, is
 only a hint: the state applied is the one fetched.
 
+Cost: the submission's ``cost`` (credits; 1 credit = 0.01 USD per BFL's docs, ``extra["usd_per_credit"]``
+overrides it) is kept in the task state and reported as the usage of the Ready task.
+
 Errors: 422 (FastAPI ``detail`` list) / 400 -> ``provider_rejected_input``, 401/403 -> AuthFailed,
 402 -> InsufficientBalance, 404 -> ``model_not_found``, 429 (24 active tasks per key:
 ``default_concurrency``; 6 for ``flux-kontext-max``) -> RateLimited. No cancel, and no lookup of an
@@ -80,6 +83,7 @@ from providers.errors import (
     TaskNotFound,
 )
 from providers.http import expect_object, fetch_input, parse_json, raise_for_common_status, retry_after_seconds, send
+from providers.usage import credits_in_usd, usage
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,7 @@ MODELS: dict[str, Family] = {
 OUTPUT_FORMATS = ("jpeg", "png", "webp")
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 TARGET_PIXELS = 1024 * 1024
+USD_PER_CREDIT = 0.01  # BFL: 1 credit = 0.01 USD (images-wave2.md §4.4, BFL-SKILLS)
 MAX_FLUX2_PIXELS = 4 * 1024 * 1024
 # Fields Atelier sets itself, or that have a common input field.
 _RESERVED = {"webhook_url": None, "webhook_secret": None, "prompt": "input.prompt", "seed": "input.seed",
@@ -252,7 +257,8 @@ class BflProvider(Provider):
                                              headers=self._headers(ctx))
         response = await send(ctx.http, request)
         raise_for_common_status(response, detail=_error(response) if response.status_code >= 400 else None)
-        return result_status(expect_object(parse_json(response), "BFL result"), state)
+        return result_status(expect_object(parse_json(response), "BFL result"), state,
+                             self.settings.extra.get("usd_per_credit", USD_PER_CREDIT))
 
     async def verify_callback(self, ctx: CallContext, headers: Mapping[str, str], body: bytes) -> CallbackHint:
         """The per-job token in the URL authenticates (the API checks it); this only parses."""
@@ -272,8 +278,10 @@ def webhook_secret(callback_url: str) -> str:
     return hmac.new(token.encode(), b"atelier bfl webhook_secret", hashlib.sha256).hexdigest()
 
 
-def result_status(body: dict[str, Any], state: BflTask) -> TaskStatus:
-    """A ``get_result`` answer, translated (status strings compared exactly: they have spaces)."""
+def result_status(body: dict[str, Any], state: BflTask, usd_per_credit: Any = USD_PER_CREDIT) -> TaskStatus:
+    """A ``get_result`` answer, translated (status strings compared exactly: they have spaces). A Ready
+    task's usage is the ``cost`` its submission reported (credits, in USD at ``usd_per_credit``);
+    whether a moderated task is billed is UNCONFIRMED, so a failure reports none."""
     raw = body.get("status")
     if not isinstance(raw, str):
         raise MalformedResponse("BFL result has no status", detail=str(body)[:300])
@@ -293,7 +301,8 @@ def result_status(body: dict[str, Any], state: BflTask) -> TaskStatus:
         if state.cost is not None:
             metadata["cost_credits"] = state.cost
         return TaskStatus(state="succeeded", raw_status=raw, progress=100,
-                          outputs=[ProviderOutput(url=sample, metadata=metadata)])
+                          outputs=[ProviderOutput(url=sample, metadata=metadata)],
+                          usage=usage(cost=credits_in_usd(state.cost, usd_per_credit)))
     if raw in MODERATED:
         reasons = details.get("Moderation Reasons") if isinstance(details, dict) else None
         said = f": {', '.join(str(r) for r in reasons)}" if isinstance(reasons, list) and reasons else ""

@@ -162,6 +162,24 @@ ProviderState = Literal["queued", "running", "succeeded", "failed", "canceled", 
 
 
 @dataclass
+class Usage:
+    """What the provider reported a task used, as far as it reports anything (each field optional).
+
+    ``cost``: money it says it charged (in ``currency``); ``compute_seconds``: billed run time
+    (Replicate's ``metrics.predict_time``, fal's ``metrics.inference_time``); ``tokens``: billed
+    output tokens (OpenAI images, Ark, Gemini); ``outputs``/``seconds``: what was rendered (DashScope's
+    ``image_count``, ``video_duration``). The catalog's price rule turns it into ``cost.reported``.
+    """
+
+    cost: float | None = None
+    currency: str = "USD"
+    compute_seconds: float | None = None
+    tokens: int | None = None
+    outputs: int | None = None
+    seconds: float | None = None
+
+
+@dataclass
 class TaskStatus:
     """The provider's view of a task, translated."""
 
@@ -179,6 +197,8 @@ class TaskStatus:
     queue_position: int | None = None
     # The adapter's state learnt from this status (e.g. Midjourney's buttons), kept for follow-ups.
     task_state: TaskState | None = None
+    # What the provider reported the task used (cost, compute time, tokens), where it reports it.
+    usage: Usage | None = None
 
 
 @dataclass

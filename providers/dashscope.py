@@ -36,7 +36,8 @@ Tasks: ``GET /tasks/{task_id}``: ``PENDING``/``SUSPENDED`` -> queued, ``RUNNING`
 ``code``/``message`` instead: the good images are kept, each output's metadata lists the failed
 ones; none -> failed), ``FAILED`` -> ``output.code``/``message`` (HTTP 200), ``CANCELED`` ->
 canceled, ``UNKNOWN`` -> the id is gone: ``TaskNotFound`` once the task is older than
-``extra["task_ttl_seconds"]`` (24 h, DashScope's retention), else still queued. Cancel:
+``extra["task_ttl_seconds"]`` (24 h, DashScope's retention), else still queued. A finished task's
+(and a sync answer's) ``usage`` (``image_count``; ``video_count``, ``video_duration``) is its usage. Cancel:
 ``POST /tasks/{task_id}/cancel`` (``PENDING`` only; a started task is refused and runs on).
 Reconcile (no client id exists): ``GET /tasks?start_time=&end_time=&model_name=`` (times are
 naive China-time ``YYYYMMDDhhmmss``, UTC+``extra["time_zone_hours"]`` = 8, UNCONFIRMED for the
@@ -84,6 +85,7 @@ from providers.contract import (
     TaskRef,
     TaskState,
     TaskStatus,
+    Usage,
 )
 from providers.errors import (
     AmbiguousMatch,
@@ -97,6 +99,7 @@ from providers.errors import (
     TaskNotFound,
 )
 from providers.http import expect_object, parse_json, raise_for_common_status, retry_after_seconds, send
+from providers.usage import amount, count, usage
 
 log = logging.getLogger(__name__)
 
@@ -557,6 +560,7 @@ def parse_task(payload: dict[str, Any], kind: MediaKind) -> TaskStatus:
         common: dict[str, Any] = {"task_id": task_id}
         if isinstance(payload.get("usage"), dict):
             common["usage"] = payload["usage"]
+        status.usage = billed_usage(payload.get("usage"))
         if kind == MediaKind.video:
             url = output.get("video_url")
             prompts = {k: output[k] for k in ("orig_prompt", "actual_prompt") if isinstance(output.get(k), str)}
@@ -633,7 +637,21 @@ def multimodal_status(payload: dict[str, Any]) -> TaskStatus:
     extra = {"failed_count": failed} if _whole(failed) and failed else {}
     outputs = [ProviderOutput(url=url, metadata=common | extra | {"index": i}) for i, url in enumerate(urls)]
     return TaskStatus(state="succeeded", raw_status="partially_succeeded" if extra else "succeeded", progress=100,
-                      outputs=outputs)
+                      outputs=outputs, usage=billed_usage(payload.get("usage")))
+
+
+def billed_usage(used: Any) -> Usage | None:
+    """What DashScope bills a finished task for: ``image_count`` images made (billing = count x unit
+    price), or ``video_count`` videos of ``video_duration`` seconds. The key names vary by model
+    (``output_image_count``, ``output_video_duration``): both are read."""
+    if not isinstance(used, dict):
+        return None
+    outputs = count(_first(used, "image_count", "output_image_count", "video_count"))
+    return usage(outputs=outputs, seconds=amount(_first(used, "video_duration", "output_video_duration")))
+
+
+def _first(values: dict[str, Any], *keys: str) -> Any:
+    return next((values[key] for key in keys if values.get(key) is not None), None)
 
 
 def _echoed_prompt(payload: dict[str, Any]) -> str | None:

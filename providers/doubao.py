@@ -23,7 +23,8 @@ Video (``seedance`` models), a task:
 * ``GET .../tasks/{id}``: ``queued`` -> queued, ``running`` -> running (new-api's ``pending`` and
   ``processing`` too), ``succeeded`` -> ``content.video_url`` (and ``last_frame_url``, a second
   output), ``failed`` -> ``error{code, message}``, ``expired`` (a flex task not started within
-  ``execution_expires_after``) -> failed ``provider_expired``, ``cancelled`` -> canceled.
+  ``execution_expires_after``) -> failed ``provider_expired``, ``cancelled`` -> canceled. A finished
+  task's ``usage.completion_tokens`` (what Seedance bills) is the task's ``usage``.
 * Cancel: ``DELETE .../tasks/{id}`` cancels a *queued* task only; on a finished task it deletes
   the record, so the task is read first and a DELETE is sent only while it is queued.
 * Callbacks: the task object, unsigned, POSTed on each status change: the per-job token in the
@@ -44,7 +45,8 @@ nothing to fetch, cancel or look up (an ambiguous call fails ``provider_outcome_
 are ``url`` (signed TOS URLs valid 24 h, collected at once and never re-encoded) or ``b64_json``
 (-> ``data:`` URLs, stored at once). A 200 may hold failed members (``{"error": {code, message}}``):
 the good images are kept (each output's metadata lists the failed ones); when all failed the job
-fails with the first error (``content_policy`` for moderation).
+fails with the first error (``content_policy`` for moderation). ``usage.generated_images`` (only
+the images made are billed) and ``usage.output_tokens`` are the task's ``usage``.
 
 Errors ``{"error": {code, message, param, type}}`` (also inside a 200): ``*SensitiveContentDetected*``
 and ``*RiskDetection`` -> ``content_policy``; 429 and ``RateLimitExceeded*``/``QuotaExceeded``/
@@ -101,6 +103,7 @@ from providers.errors import (
     TaskNotFound,
 )
 from providers.http import expect_object, parse_json, raise_for_common_status, retry_after_seconds, send
+from providers.usage import count, usage
 
 log = logging.getLogger(__name__)
 
@@ -552,6 +555,9 @@ def parse_task(task: dict[str, Any]) -> TaskStatus:
         log.warning("doubao: unknown task status %r; treating it as still in progress", raw)
         return TaskStatus(state="unknown", raw_status=raw)
     status = TaskStatus(state=state, raw_status=raw)
+    used = task.get("usage")
+    if state in ("succeeded", "failed", "canceled") and isinstance(used, dict):
+        status.usage = usage(tokens=count(used.get("completion_tokens")))  # Seedance bills by tokens
     if state == "succeeded":
         content = task.get("content")
         video = content.get("video_url") if isinstance(content, dict) else None
@@ -592,8 +598,12 @@ def images_status(body: dict[str, Any], model: str) -> TaskStatus:
     created = body.get("created", body.get("created_at"))  # the SDK's type says created_at (CONFLICT)
     if created is not None:
         common["created"] = created
-    if isinstance(body.get("usage"), dict):
-        common["usage"] = body["usage"]
+    used = body.get("usage")
+    if isinstance(used, dict):
+        common["usage"] = used
+    # Only the images made are billed (a failed member of a group is not).
+    billed = usage(outputs=count(used.get("generated_images")),
+                   tokens=count(used.get("output_tokens"))) if isinstance(used, dict) else None
     images: list[tuple[int, str, str | None, dict[str, Any]]] = []
     failures: list[dict[str, Any]] = []
     for index, item in enumerate(data):
@@ -614,7 +624,7 @@ def images_status(body: dict[str, Any], model: str) -> TaskStatus:
                                                                                  else {}))
                    for index, url, content_type, extra in images]
         raw = "partially_succeeded" if failures else "succeeded"
-        return TaskStatus(state="succeeded", raw_status=raw, progress=100, outputs=outputs)
+        return TaskStatus(state="succeeded", raw_status=raw, progress=100, outputs=outputs, usage=billed)
     if failures:
         first = failures[0]
         code = str(first["code"] or "")

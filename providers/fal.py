@@ -10,7 +10,8 @@ Endpoints (``base_url`` defaults to ``https://queue.fal.run``; auth ``Authorizat
   (``FalTask``) and never rebuilt unless fal left them out.
 * ``GET {status_url}?logs=1`` -- ``IN_QUEUE`` (with 0-indexed ``queue_position``),
   ``IN_PROGRESS`` (with ``logs``), ``COMPLETED``. HTTP 202 until complete, then 200.
-* ``GET {response_url}`` -- the model's output (2xx) or the request's error.
+* ``GET {response_url}`` -- the model's output (2xx) or the request's error. The billed run time
+  is the COMPLETED status's ``metrics.inference_time`` (the task's ``usage``), not the result's.
 * ``PUT {cancel_url}`` -- ``CANCELLATION_REQUESTED`` (202), ``ALREADY_COMPLETED`` (400),
   ``NOT_FOUND`` (404).
 
@@ -60,6 +61,7 @@ from providers.contract import (
     TaskRef,
     TaskState,
     TaskStatus,
+    Usage,
 )
 from providers.errors import (
     AuthFailed,
@@ -72,6 +74,7 @@ from providers.errors import (
 )
 from providers.fal_webhooks import JwksVerifier
 from providers.http import expect_object, parse_json, raise_for_common_status, send
+from providers.usage import amount, usage
 
 log = logging.getLogger(__name__)
 
@@ -280,9 +283,13 @@ class FalProvider(Provider):
             raise MalformedResponse("fal request status has no status", detail=_excerpt(body))
         if raw == "COMPLETED":
             if body.get("error") or body.get("error_type"):
-                return _failed_status(raw, body.get("error_type"), str(body.get("error") or body.get("error_type")),
+                done = _failed_status(raw, body.get("error_type"), str(body.get("error") or body.get("error_type")),
                                       {"error_type": body.get("error_type"), "error": body.get("error")})
-            return await self._result(ctx, task, response_url)
+            else:
+                done = await self._result(ctx, task, response_url)
+            if done.state in ("succeeded", "failed", "canceled"):
+                done.usage = completed_usage(body)
+            return done
         if raw in ("FAILED", "CANCELED", "CANCELLED"):  # third-party schemas only; not in fal's SDKs
             error_type = body.get("error_type") or ("client_cancelled" if raw != "FAILED" else None)
             return _failed_status(raw, error_type, str(body.get("error") or f"fal reports the request {raw}"),
@@ -418,6 +425,13 @@ def _is_request_outcome(response: httpx.Response) -> bool:
     except ValueError:
         return False
     return isinstance(body, dict) and (bool(body.get("error_type")) or isinstance(body.get("detail"), list))
+
+
+def completed_usage(status_body: dict[str, Any]) -> Usage | None:
+    """The billed run time a COMPLETED status reports (``metrics.inference_time``; fal reports it in the
+    status, not in the result; legacy apps leave ``metrics`` out)."""
+    metrics = status_body.get("metrics")
+    return usage(compute_seconds=amount(metrics.get("inference_time"))) if isinstance(metrics, dict) else None
 
 
 def _failed_status(raw: str, error_type: Any, message: str, detail: dict[str, Any]) -> TaskStatus:

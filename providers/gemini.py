@@ -22,7 +22,8 @@ was sent is ``OutcomeUnknown`` and is never resent (no SDK retry either: plain `
   ``inline_data``) image part is an output; ``"thought": true`` parts are interim images and are
   skipped. Without an inline image, a gateway's Markdown image in a text part (a ``data:`` URL,
   then an http URL) is taken. ``usageMetadata``, the text parts, ``finishReason``,
-  ``modelVersion`` and the ``thoughtSignature`` go in each output's metadata.
+  ``modelVersion`` and the ``thoughtSignature`` go in each output's metadata; its image output
+  tokens are the task's ``usage``.
 * No image in an HTTP 200 (§7.4): ``promptFeedback.blockReason`` (any) and the safety finish
   reasons (``IMAGE_SAFETY``, ``IMAGE_PROHIBITED_CONTENT``, ``SAFETY``, ``PROHIBITED_CONTENT``,
   ``BLOCKLIST``, ``SPII``, ``RECITATION``, ``IMAGE_RECITATION``) fail with ``content_policy``;
@@ -69,6 +70,7 @@ from providers.contract import (
     SubmitResult,
     TaskRef,
     TaskStatus,
+    Usage,
 )
 from providers.errors import (
     AuthFailed,
@@ -89,6 +91,7 @@ from providers.http import (
     send,
     sniff_image,
 )
+from providers.usage import count, usage
 
 API_HOST = "generativelanguage.googleapis.com"
 BASE_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "21:9")
@@ -401,8 +404,8 @@ def parse_generate_content(body: dict[str, Any]) -> TaskStatus:
     if not isinstance(candidates, list) or not all(isinstance(c, dict) for c in candidates):
         raise MalformedResponse("Gemini answered candidates that are not a list of objects",
                                 detail={"candidates": str(candidates)[:300]})
-    usage = body.get("usageMetadata")
-    meta: dict[str, Any] = {"usage_metadata": usage if isinstance(usage, dict) else None,
+    usage_metadata = body.get("usageMetadata")
+    meta: dict[str, Any] = {"usage_metadata": usage_metadata if isinstance(usage_metadata, dict) else None,
                             "model_version": body.get("modelVersion"), "response_id": body.get("responseId")}
     images: list[tuple[str, str, dict[str, Any]]] = []  # (url, content type, part metadata)
     texts: list[str] = []
@@ -437,7 +440,7 @@ def parse_generate_content(body: dict[str, Any]) -> TaskStatus:
         outputs = [ProviderOutput(url=url, content_type=mime or None, metadata=meta | extra)
                    for url, mime, extra in images]
         return TaskStatus(state="succeeded", raw_status=raw, progress=100, outputs=outputs,
-                          request_id=meta.get("response_id"))
+                          request_id=meta.get("response_id"), usage=image_tokens(usage_metadata))
     detail = {"promptFeedback": feedback, "finishReason": finish, "text": meta.get("text"),
               "usageMetadata": meta.get("usage_metadata")}
     if block:
@@ -450,6 +453,18 @@ def parse_generate_content(body: dict[str, Any]) -> TaskStatus:
     said = f": {meta['text'][:200]}" if "text" in meta else ""
     return TaskStatus(state="failed", raw_status=raw, error_code="provider_no_output", error_detail=detail,
                       error_message=f"Gemini answered without an image (finishReason {raw}){said}")
+
+
+def image_tokens(usage_metadata: Any) -> Usage | None:
+    """The output tokens an image answer bills: the ``IMAGE`` entry of ``candidatesTokensDetails``
+    (image output has its own per-token price), else ``candidatesTokenCount``. Blocked answers are
+    not charged, so only a success reports usage."""
+    if not isinstance(usage_metadata, dict):
+        return None
+    details = usage_metadata.get("candidatesTokensDetails")
+    image = next((d.get("tokenCount") for d in details if isinstance(d, dict) and d.get("modality") == "IMAGE"),
+                 None) if isinstance(details, list) else None
+    return usage(tokens=count(image if image is not None else usage_metadata.get("candidatesTokenCount")))
 
 
 def parse_predictions(body: dict[str, Any]) -> TaskStatus:

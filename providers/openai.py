@@ -41,7 +41,8 @@ side 1024 unless ``resolution`` says ``<N>p`` (short side N) or ``<N>k`` (long s
 Outputs: ``b64_json`` -> a ``data:image/<fmt>;base64,...`` output (stored at once), ``url`` -> the
 URL (collected). Each output's metadata keeps the model, ``size``, ``quality``, ``background``,
 ``output_format``, ``revised_prompt`` and the request's token ``usage`` (the whole request's, on
-every output of it). A 200 without a usable image fails ``provider_no_output``.
+every output of it); its ``output_tokens`` are the task's ``usage`` (what a GPT image model bills).
+A 200 without a usable image fails ``provider_no_output``.
 
 Errors (``{"error": {message, type, param, code}}``): ``moderation_blocked`` /
 ``content_policy_violation`` -> ``content_policy``; 429 ``insufficient_quota`` (billing) ->
@@ -93,6 +94,7 @@ from providers.http import (
     send,
     sniff_image,
 )
+from providers.usage import count, usage
 
 GPT_SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
 DALLE3_SIZES = ("1024x1024", "1792x1024", "1024x1792")
@@ -320,11 +322,14 @@ def images_status(body: dict[str, Any], model: str) -> TaskStatus:
                                           metadata=metadata))
         elif _is_url(url):
             outputs.append(ProviderOutput(url=str(url), metadata=metadata))
+    # GPT image models bill output tokens (partial images included); DALL-E reports no usage.
+    used = body.get("usage")
+    tokens = usage(tokens=count(used.get("output_tokens"))) if isinstance(used, dict) else None
     if not outputs:
         return TaskStatus(state="failed", raw_status="no_image", error_code="provider_no_output",
                           error_message="OpenAI Images answered without any image",
-                          error_detail={"data": str(data)[:300]})
-    return TaskStatus(state="succeeded", raw_status="completed", progress=100, outputs=outputs)
+                          error_detail={"data": str(data)[:300]}, usage=tokens)
+    return TaskStatus(state="succeeded", raw_status="completed", progress=100, outputs=outputs, usage=tokens)
 
 
 # -- validation helpers ----------------------------------------------------------------------

@@ -8,6 +8,7 @@
 * ``output`` is any JSON; every HTTPS or ``data:`` URL in it is an output file.
   Files are removed an hour after an API prediction finishes (``data_removed``).
 * Progress comes from tqdm lines in ``logs`` (as the official client parses them).
+* A finished prediction's ``metrics.predict_time`` (billed hardware seconds) is its ``usage``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from providers.errors import (
     Rejected,
 )
 from providers.http import expect_object, parse_json, raise_for_common_status, send
+from providers.usage import amount, usage
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,10 @@ class ReplicateProvider(Provider):
         elif state == "canceled":
             status.error_code = "provider_canceled" if raw == "canceled" else "provider_aborted"
             status.error_message = f"Replicate reports the prediction {raw}"
+        metrics = prediction.get("metrics")
+        if state in ("succeeded", "failed", "canceled") and isinstance(metrics, dict):
+            # Billed hardware time (absent for an aborted prediction, which never ran).
+            status.usage = usage(compute_seconds=amount(metrics.get("predict_time")))
         return status
 
     async def cancel(self, ctx: CallContext, task: TaskRef) -> bool:

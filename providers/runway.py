@@ -40,6 +40,11 @@ Traps:
   more than one update per task every 5 s.
 * 400 bodies are ``{"error": "<text>"}``; "not enough credits" is an InsufficientBalance. 429
   (daily generation quota, or rate limiting) is RateLimited.
+
+Cost: a finished task carries ``cost: {credits}`` (what stays charged; 0 when refunded) and an
+unfinished one ``estimatedCost`` (runwayml SDK 5.x task types; not in the reference). The final
+credits are the task's ``usage``, in USD at ``extra["usd_per_credit"]`` (0.01: Runway's API price
+of a credit as remembered, unverified).
 """
 
 from __future__ import annotations
@@ -64,13 +69,17 @@ from providers.contract import (
     TaskRef,
     TaskState,
     TaskStatus,
+    Usage,
 )
 from providers.errors import InsufficientBalance, InvalidInput, MalformedResponse, Rejected, TaskNotFound
 from providers.http import expect_object, parse_json, raise_for_common_status, send
+from providers.usage import credits_in_usd, usage
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "2024-11-06"
+# USD per Runway credit (Runway's API price as remembered, unverified; extra["usd_per_credit"] overrides it).
+USD_PER_CREDIT = 0.01
 IMAGE_TO_VIDEO = "image_to_video"
 TEXT_TO_VIDEO = "text_to_video"
 MAX_PROMPT_UTF16 = 1000
@@ -334,7 +343,11 @@ class RunwayProvider(Provider):
         url = f"{self.base_url}/v1/tasks/{task.task_id}"
         response = await send(ctx.http, ctx.http.build_request("GET", url, headers=self._headers(ctx)))
         _raise_for_status(response, creates=False)
-        return parse_task(expect_object(parse_json(response), "task"))
+        body = expect_object(parse_json(response), "task")
+        status = parse_task(body)
+        if status.state in ("succeeded", "failed", "canceled"):
+            status.usage = charged(body, self.settings.extra.get("usd_per_credit", USD_PER_CREDIT))
+        return status
 
     async def cancel(self, ctx: CallContext, task: TaskRef) -> bool:
         url = f"{self.base_url}/v1/tasks/{task.task_id}"
@@ -348,6 +361,13 @@ class RunwayProvider(Provider):
     async def reconcile(self, ctx: CallContext, request: GenerationRequest, since: float) -> SubmitResult | None:
         """Runway has neither idempotency keys nor a task list: an ambiguous create cannot be found."""
         return None
+
+
+def charged(task: dict[str, Any], usd_per_credit: Any) -> Usage | None:
+    """What a finished task says it charged: ``cost.credits`` (the runwayml SDK's task types: 0 when
+    fully refunded), in USD at ``usd_per_credit``."""
+    cost = task.get("cost")
+    return usage(cost=credits_in_usd(cost.get("credits"), usd_per_credit)) if isinstance(cost, dict) else None
 
 
 def parse_task(task: dict[str, Any]) -> TaskStatus:

@@ -346,7 +346,7 @@ async def test_jobs_carry_an_estimate_from_the_price_rule(redis_url: str) -> Non
 
         rule = (await client.get("/v1/models/sora/sora-2-pro")).json()["price"]
         assert rule == {"unit": "second", "amount": 0.25, "currency": "USD", "default_seconds": None,
-                        "origin": "operator", "source": "our contract"}
+                        "default_tokens": None, "origin": "operator", "source": "our contract"}
         listed = (await client.get("/v1/models/sora/sora-2")).json()["price"]
         assert listed["origin"] == "catalog" and listed["amount"] == 0.1 and listed["default_seconds"] == 4
 

@@ -74,7 +74,7 @@ def view(entry: catalog.CatalogModel, adapter: Provider, configured: bool) -> Mo
                                  note=life.note),
         price=None if price is None else PriceRule(
             unit=price.unit, amount=price.amount, currency=price.currency, default_seconds=price.default_seconds,
-            origin=origin, source=price.source),
+            default_tokens=price.default_tokens, origin=origin, source=price.source),
         configured=configured, source=entry.source, any_model=entry.any_model,
         provider_note=provider_info.provider.note if provider_info else None, note=entry.spec.note)
 

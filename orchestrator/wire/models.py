@@ -46,13 +46,18 @@ class ModelLifecycle(BaseModel):
 
 
 class PriceRule(BaseModel):
-    """``amount`` per ``unit`` (a second of video or audio, an image or output, a request); a job's
-    `cost.estimated` applies it. ``origin``: the catalog's list price, or the operator's own."""
+    """``amount`` per ``unit`` (a second of video or audio, an image or output, a request, a second of
+    the provider's compute time, one output token); a job's `cost.estimated` applies it, and
+    `cost.reported` prices what the provider reported with it. ``origin``: the catalog's list price, or
+    the operator's own."""
 
-    unit: Literal["second", "image", "output", "request"]
+    unit: Literal["second", "image", "output", "request", "compute_second", "token"]
     amount: float
     currency: str
-    default_seconds: float | None = Field(None, description="The duration assumed when a request gives none")
+    default_seconds: float | None = Field(None, description="The duration assumed when a request gives none "
+                                                            "(for `compute_second`: the run time)")
+    default_tokens: int | None = Field(None, description="`token` prices: the output tokens one output "
+                                                         "typically bills (the estimate's assumption)")
     origin: Literal["catalog", "operator"]
     source: str | None = None
 

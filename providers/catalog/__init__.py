@@ -17,6 +17,8 @@ A file::
     [models."sora-2"]
     sound = true              # the video comes with sound
     typical_seconds = 120     # optional; else the adapter's default for the kind
+    price = {unit = "second", amount = 0.1, default_seconds = 4, source = "..."}
+                              # see ``Price``: per second, image, output, request, compute_second, token
     lifecycle = {deprecated = "2026-03-01", sunset = "2026-09-24", replacement = "veo/veo-3.1-generate-preview",
                  note = "..."}
     [models."sora-2".video]   # one table per kind the model renders
@@ -28,7 +30,9 @@ A file::
     num_outputs = {min = 1, max = 1}
     example = {prompt = "a fox"}         # a minimal valid ``input``
 
-A sunset concerns the provider's own origin: see ``lifecycle_verdict``.
+A sunset concerns the provider's own origin: see ``lifecycle_verdict``. A job's ``cost.estimated``
+comes from the price rule (``estimate``), its ``cost.reported`` from what the provider reported the
+task used, priced by the same rule (``reported_cost``).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from providers.contract import Provider, ProviderSettings
+from providers.contract import Provider, ProviderSettings, Usage
 from providers.registry import ADAPTERS
 
 CommonInput = Literal["prompt", "negative_prompt", "image_url", "duration_seconds", "aspect_ratio", "resolution",
@@ -87,16 +91,28 @@ class Lifecycle(BaseModel):
 
 
 class Price(BaseModel):
-    """A model's price rule: ``amount`` per ``unit`` (``second`` of video or audio, ``image``/``output``
-    rendered, ``request``). ``default_seconds``: the duration the provider renders when a request gives
-    none (per-second prices). Operators override it with negotiated prices in ``[providers.<p>.prices]``."""
+    """A model's price rule: ``amount`` per ``unit``. Operators override it with negotiated prices in
+    ``[providers.<p>.prices]``.
+
+    Units: ``second`` of rendered video or audio; ``image``/``output`` rendered; ``request``;
+    ``compute_second``: a second of the provider's billed run time on its hardware (Replicate's
+    ``metrics.predict_time``, fal's ``metrics.inference_time``); ``token``: one billed output token
+    (OpenAI's GPT image models, Ark's Seedance, Gemini's image output: ``amount`` is the price of a
+    single token, e.g. 0.00004 for 40 USD per million).
+
+    What the estimate at acceptance assumes where a request does not say: ``default_seconds``, the
+    duration a per-``second`` model renders when a request gives none, or the run time of a
+    ``compute_second`` model (else the model's ``typical_seconds``); ``default_tokens``, the output
+    tokens one output typically bills (a ``token`` price without it gives no estimate).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    unit: Literal["second", "image", "output", "request"]
+    unit: Literal["second", "image", "output", "request", "compute_second", "token"]
     amount: float
     currency: str = "USD"
     default_seconds: float | None = None
+    default_tokens: int | None = None
     source: str | None = None
 
 
@@ -287,21 +303,47 @@ def price_rule(settings: ProviderSettings, model: str) -> tuple[Price | None, st
     return (spec.price if spec is not None else None), "catalog"
 
 
+def _per(price: Price) -> str:
+    """``0.0014 USD per compute second``: the rule as a person reads it."""
+    return f"{_money(price.amount)} {price.currency} per {price.unit.replace('_', ' ')}"
+
+
+def _money(amount: float) -> str:
+    """A price as people write it: ``0.1``, ``0.000975``, ``0.00004`` (never ``4e-05``)."""
+    return f"{amount:.10f}".rstrip("0").rstrip(".") or "0"
+
+
 def estimate(settings: ProviderSettings, model: str, duration_seconds: float | None,
              num_outputs: int | None) -> Estimate | None:
-    """What a request is estimated to cost, or ``None`` when its model has no price rule (or a
-    per-second price meets a request without a duration and no default)."""
+    """What a request is estimated to cost, or ``None`` when its model has no price rule (or the rule
+    needs a quantity nobody gives: a per-second price without a duration or a default, a
+    ``compute_second`` price without a typical run time, a ``token`` price without ``default_tokens``).
+
+    A ``compute_second`` price is charged once per request (one run renders every output); a ``token``
+    price per output."""
     price, origin = price_rule(settings, model)
     if price is None:
         return None
     count = num_outputs or 1
-    unit = f"{price.amount:g} {price.currency} per {price.unit}"
+    times = f" x {count}" if count > 1 else ""
+    unit = _per(price)
     if price.unit == "second":
         seconds = duration_seconds or price.default_seconds
         if seconds is None:
             return None
         given = "" if duration_seconds else " (the default duration)"
-        quantity, rule = seconds * count, f"{unit} x {seconds:g} s{given}" + (f" x {count}" if count > 1 else "")
+        quantity, rule = seconds * count, f"{unit} x {seconds:g} s{given}{times}"
+    elif price.unit == "compute_second":
+        spec = model_spec(settings, model)
+        seconds = price.default_seconds or (spec.typical_seconds if spec is not None else None)
+        if seconds is None:
+            return None
+        quantity, rule = seconds, f"{unit} x {seconds:g} s (a typical run)"
+    elif price.unit == "token":
+        if price.default_tokens is None:
+            return None
+        quantity = price.default_tokens * count
+        rule = f"{unit} x {price.default_tokens} tokens (typical per output){times}"
     elif price.unit in ("image", "output"):
         quantity, rule = count, f"{unit} x {count}"
     else:
@@ -309,3 +351,33 @@ def estimate(settings: ProviderSettings, model: str, duration_seconds: float | N
     return Estimate(amount=round(price.amount * quantity, 6), currency=price.currency,
                     rule=f"{rule} ({origin} price)")
 
+
+def reported_cost(settings: ProviderSettings, model: str, usage: Usage | None) -> Estimate | None:
+    """What a task cost by what its provider reported (``cost.reported``), or ``None``.
+
+    Money the provider says it charged wins as it is. Otherwise the model's price rule prices the
+    quantity the provider reported in the rule's own unit: ``compute_second`` x ``compute_seconds``,
+    ``token`` x ``tokens``, ``second`` x ``seconds``, ``image``/``output`` x ``outputs``. A rule per
+    ``request``, a rule in a unit the provider did not report, or no rule: ``None`` (the estimate
+    stands).
+    """
+    if usage is None:
+        return None
+    if usage.cost is not None:
+        return Estimate(amount=round(usage.cost, 6), currency=usage.currency, rule="reported by the provider")
+    try:
+        price, origin = price_rule(settings, model)
+    except CatalogError:
+        return None
+    if price is None:
+        return None
+    unit = _per(price)
+    reported: dict[str, tuple[float | None, str]] = {
+        "compute_second": (usage.compute_seconds, "s of compute"), "token": (usage.tokens, "tokens"),
+        "second": (usage.seconds, "s"), "image": (usage.outputs, ""), "output": (usage.outputs, "")}
+    quantity, measure = reported.get(price.unit, (None, ""))
+    if quantity is None:
+        return None
+    what = f"{quantity:g} {measure}".rstrip()
+    return Estimate(amount=round(price.amount * quantity, 6), currency=price.currency,
+                    rule=f"{unit} x {what} reported by the provider ({origin} price)")
