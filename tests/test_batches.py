@@ -108,9 +108,24 @@ async def test_batch_cancel_and_tenant_walls(stack, redis_url):
         assert (await stranger.post(f"/v1/batches/{created['id']}/cancel")).status_code == 404
         await asyncio.sleep(0.5)
         resp = await client.post(f"/v1/batches/{created['id']}/cancel")
-        assert resp.status_code == 200 and resp.json()["canceled"] is True
+        assert resp.status_code == 202 and resp.json()["canceled"] is True
         batch = await wait_batch(client, created["id"], check=counts_add_up)
         assert batch["counts"]["canceled"] == 3
+
+
+async def test_a_large_batch_is_canceled_by_a_worker_and_its_queued_jobs_are_never_submitted(stack):
+    slow = IMAGE | {"input": {"prompt": "slow [sim:run=30]"}}
+    async with api(stack) as client:
+        created = (await client.post("/v1/batches", json={"jobs": [slow] * 400})).json()
+        await asyncio.sleep(0.5)
+        resp = await client.post(f"/v1/batches/{created['id']}/cancel")
+        assert resp.status_code == 202 and resp.json()["canceled"] is True
+        submitted_before = stack.simulators["replicate"].stats.creations
+        batch = await wait_batch(client, created["id"], check=counts_add_up)
+        assert batch["counts"]["canceled"] == 400 and batch["done"] == 400
+        # Only jobs already at the provider (or being sent) when the cancel came were created there.
+        assert stack.simulators["replicate"].stats.creations <= submitted_before + stack.settings.worker_max_jobs
+        assert stack.simulators["replicate"].stats.creations < 400
 
 
 async def test_bulk_query_never_leaks(stack, redis_url):

@@ -11,6 +11,14 @@ from providers.errors import ProviderError
 from workers.context import call_context, load_job, runtime_of
 
 
+async def cancel_batch_jobs(ctx: dict[str, Any], batch_id: str) -> None:
+    """Cancel every unfinished job of a batch the API marked canceled (``Batches.request_cancel``)."""
+    rt = runtime_of(ctx)
+    record = await rt.batches.record(batch_id)
+    if record is not None:
+        await rt.batches.cancel(record)
+
+
 async def cancel_at_provider(ctx: dict[str, Any], job_id: str) -> None:
     rt = runtime_of(ctx)
     job = await load_job(rt, job_id)

@@ -87,14 +87,16 @@ async def load_job(rt: Runtime, job_id: str) -> Job | None:
     return job
 
 
-async def fail_current(rt: Runtime, job: Job, code: str, message: str, detail: Any = None) -> None:
-    """Fail the job, re-reading it once if it changed meanwhile (unless it finished)."""
+async def fail_current(rt: Runtime, job: Job, code: str, message: str, detail: Any = None, *,
+                       created_nothing: bool = False) -> None:
+    """Fail the job (or move it to its fallback), re-reading it once if it changed meanwhile (unless it
+    finished). ``created_nothing``: the provider provably created nothing for this attempt."""
     try:
-        await rt.jobs.fail(job, code, message, detail)
+        await rt.jobs.fail(job, code, message, detail, created_nothing=created_nothing)
     except Conflict:
         fresh = await load_job(rt, job.id)
         if fresh is not None and fresh.status not in TERMINAL:
-            await rt.jobs.fail(fresh, code, message, detail)
+            await rt.jobs.fail(fresh, code, message, detail, created_nothing=created_nothing)
 
 
 REDIS_OUTAGE_SECONDS = 60.0

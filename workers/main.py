@@ -35,6 +35,7 @@ JOB_FUNCTIONS = [
     func(poll.poll_job, timeout=60, max_tries=3),
     func(collect.collect_outputs, timeout=900, max_tries=3),
     func(cancel.cancel_at_provider, timeout=60, max_tries=3),
+    func(cancel.cancel_batch_jobs, timeout=600, max_tries=5),
 ]
 WEBHOOK_FUNCTIONS = [func(delivery.deliver_webhook, timeout=60, max_tries=3)]
 SWEEP_SECONDS = {0, 10, 20, 30, 40, 50}

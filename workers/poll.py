@@ -16,7 +16,8 @@ from orchestrator.services.runtime import Runtime
 from orchestrator.store import keypool
 from orchestrator.store.jobs import Conflict
 from orchestrator.wire import limits
-from orchestrator.wire.jobs import TERMINAL, JobStatus
+from orchestrator.wire.jobs import TERMINAL, CostEstimate, JobCost, JobStatus
+from providers import catalog
 from providers.contract import Provider, TaskStatus
 from providers.errors import AuthFailed, InsufficientBalance, MalformedResponse, ProviderError, RateLimited
 from workers.actions import ON_POLL, Action, action_for
@@ -158,10 +159,15 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
         common["provider_request_id"] = limits.clean_text(status.request_id, 200)
     for output in status.outputs:  # what a provider says of an output is kept bounded (it reads back)
         output.metadata = limits.bounded(output.metadata)
+    if status.usage is not None and (reported := reported_cost(provider, job, status)) is not None:
+        common["cost"] = reported
     if status.state == "queued" and status.queue_position is not None:
         common["note"] = f"queue position {status.queue_position} at {job.provider}"
     elif job.note and job.note.startswith(("queue position", "throttled")):
         common["note"] = None
+    position = max(0, status.queue_position) if status.state == "queued" and status.queue_position is not None else None
+    if position != job.provider_queue_position:
+        common["provider_queue_position"] = position  # the view's ``queue`` (services/standing.py)
     try:
         if status.state in ("queued", "unknown"):
             if status.state == "unknown":
@@ -197,6 +203,17 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
                  extra=log_extra(job, "status.superseded"))
 
 
+def reported_cost(provider: Provider, job: Job, status: TaskStatus) -> JobCost | None:
+    """The job's ``cost`` with ``reported`` set from what the provider reported the task used, priced
+    by the model's rule (``None`` when nothing it reported can be priced). It is saved with the change
+    that applies the status, never in a write of its own."""
+    found = catalog.reported_cost(provider.settings, job.model, status.usage)
+    if found is None:
+        return None
+    reported = CostEstimate(amount=found.amount, currency=found.currency, rule=found.rule)
+    return (job.cost or JobCost()).model_copy(update={"reported": reported})
+
+
 async def apply_now(rt: Runtime, provider: Provider, job: Job, status: TaskStatus) -> None:
     """Apply the status a create call answered with (a synchronous provider, or a task already done).
 
@@ -216,9 +233,11 @@ async def apply_now(rt: Runtime, provider: Provider, job: Job, status: TaskStatu
     except keypool.KeyUnavailable as exc:
         await fail_current(rt, job, exc.code, exc.message, exc.detail)
         return
+    changes: dict[str, Any] = {"provider_status": status.raw_status, "polls": job.polls, "progress": 100}
+    if status.usage is not None and (reported := reported_cost(provider, job, status)) is not None:
+        changes["cost"] = reported
     try:
-        job = await rt.jobs.transition(job, S.running, provider_status=status.raw_status, polls=job.polls,
-                                       progress=100)
+        job = await rt.jobs.transition(job, S.running, **changes)
         await rt.jobs.transition(job, S.succeeded, outputs=stored, note=None)
     except Conflict:
         log.info("job changed while its outputs were stored (canceled?); outputs kept in storage",

@@ -61,7 +61,8 @@ async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
         return
     provider = rt.registry.get(job.provider)
     if provider is None:
-        await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
+        await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured",
+                           created_nothing=job.status == S.queued)
         return
     match submit_entry(job):
         case SubmitEntry.SUBMIT:
@@ -85,6 +86,10 @@ async def _submit(rt: Runtime, provider: Provider, job: Job) -> None:
         await rt.jobs.fail(job, "timed_out", "the job's deadline passed before it could be submitted",
                            status=S.timed_out)
         return
+    if job.batch_id and await rt.batches.batch_store.canceled(job.batch_id):
+        with contextlib.suppress(Conflict):  # its batch was canceled: a worker is canceling its jobs
+            await rt.jobs.cancel(job)
+        return
     try:
         request, source = await requested(rt, job)
     except SourceUnavailable as exc:
@@ -99,10 +104,10 @@ async def _submit(rt: Runtime, provider: Provider, job: Job) -> None:
             rt.redis, job.provider, provider.settings.api_keys))
     except keypool.NoUsableKey as exc:
         metrics.key_missing(job.provider)
-        await fail_current(rt, job, exc.code, exc.message, exc.detail)
+        await fail_current(rt, job, exc.code, exc.message, exc.detail, created_nothing=True)
         return
     except keypool.KeyUnavailable as exc:
-        await fail_current(rt, job, exc.code, exc.message, exc.detail)
+        await fail_current(rt, job, exc.code, exc.message, exc.detail, created_nothing=True)
         return
     kid = keypool.key_id(call.api_key)
     if job.key_id and job.key_id != kid:
@@ -147,8 +152,8 @@ async def _submit_failed(rt: Runtime, provider: Provider, job: Job, kid: str, ex
             await _requeue(rt, job, exc, None)
         case Action.RECONCILE:
             await _resolve_unknown(rt, provider, job, exc)
-        case _:
-            await fail_current(rt, job, exc.code, exc.message, exc.detail)
+        case _:  # a definite refusal of the create call: nothing was created
+            await fail_current(rt, job, exc.code, exc.message, exc.detail, created_nothing=True)
 
 
 async def _key_refused(rt: Runtime, provider: Provider, job: Job, kid: str,
@@ -162,7 +167,8 @@ async def _key_refused(rt: Runtime, provider: Provider, job: Job, kid: str,
         # This job met the refusal: it keeps the provider's code; later ones fail with no_usable_key.
         metrics.key_missing(job.provider)
         err = keypool.NoUsableKey(job.provider, out)
-        await fail_current(rt, job, exc.code, f"{message}; {err}", {**err.detail, "provider_error": exc.detail})
+        await fail_current(rt, job, exc.code, f"{message}; {err}", {**err.detail, "provider_error": exc.detail},
+                           created_nothing=True)
         return
     try:
         requeued = await rt.jobs.transition(
@@ -255,14 +261,18 @@ async def _requeue(rt: Runtime, job: Job, exc: ProviderError, retry_after: float
     A provider's rate or concurrency limit is waiting, not failing: only the job's
     deadline bounds it. Other errors (unavailable) give up after a number of attempts.
     """
-    if not isinstance(exc, RateLimited) and job.attempts >= rt.settings.submit_max_attempts:
-        await fail_current(rt, job, exc.code, f"{exc.message} (gave up after {job.attempts} attempts)",
-                           exc.detail)
+    # Only refusals count toward giving up, not the waits a rate limit asked for (fault suite finding:
+    # a Doubao job that met seven 429s gave up at its first 503), nor those at an earlier fallback.
+    outage = not isinstance(exc, RateLimited)
+    refusals = job.refusals + 1 if outage else job.refusals
+    if outage and refusals >= rt.settings.submit_max_attempts:
+        await fail_current(rt, job, exc.code, f"{exc.message} (gave up after {refusals} attempts)",
+                           exc.detail, created_nothing=True)
         return
-    backoff = min(300.0, 2.0 ** job.attempts) * random.uniform(0.8, 1.2)
+    backoff = min(300.0, 2.0 ** refusals) * random.uniform(0.8, 1.2)
     delay = max(retry_after or 0.0, backoff if retry_after is None else 0.0, 0.1)
     try:
-        job = await rt.jobs.transition(job, S.queued, phase="throttled", note=exc.message,
+        job = await rt.jobs.transition(job, S.queued, phase="throttled", note=exc.message, refusals=refusals,
                                        active_at=time.time() + delay + rt.settings.sweep_grace_seconds)
     except Conflict:
         return

@@ -10,16 +10,26 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import ValidationError
 
-from orchestrator.api.deps import RuntimeDep, TenantDep
-from orchestrator.api.jobs import request_problem
+from orchestrator.api.deps import RuntimeDep, TenantDep, caller_key
+from orchestrator.api.jobs import budget_problem, plan_request, quote
 from orchestrator.api.problems import Problem, field_name
 from orchestrator.api.webhook_endpoints import check_url
 from orchestrator.domain.job import BatchRecord
 from orchestrator.infra.destinations import UrlChecker
 from orchestrator.services.batches import BatchIdempotencyConflict, item_problem_ref
 from orchestrator.services.runtime import Runtime
-from orchestrator.wire.batches import BatchCreated, BatchItem, BatchPage, BatchRequest, BatchView, ItemProblem
-from orchestrator.wire.jobs import JobPage, JobRequest, JobStatus
+from orchestrator.store.ledger import BudgetExceeded
+from orchestrator.wire.batches import (
+    BatchCreated,
+    BatchItem,
+    BatchPage,
+    BatchQuote,
+    BatchRequest,
+    BatchView,
+    ItemProblem,
+    ItemQuote,
+)
+from orchestrator.wire.jobs import CostEstimate, JobPage, JobRequest, JobStatus
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -42,16 +52,34 @@ async def validate_items(rt: Runtime, tenant: str, items: list[dict[str, object]
             problems.append(ItemProblem(index=index, ref=ref, field=field_name(err.get("loc", ())),
                                         message=err.get("msg", "invalid")))
             continue
-        problem = await request_problem(rt, tenant, item)
-        if problem is not None:
-            problems.append(ItemProblem(index=index, ref=ref, field=problem[1], message=problem[2]))
+        if item.dry_run:
+            problems.append(ItemProblem(index=index, ref=ref, field="dry_run",
+                                        message="a batch's items are quoted with the batch's own dry_run"))
+            continue
+        try:
+            plan = await plan_request(rt, tenant, JobRequest.model_validate(item.model_dump(exclude={"ref"})))
+        except Problem as exc:
+            found = (exc.extra.get("errors") or [{"field": "body", "message": exc.detail or exc.title}])[0]
+            problems.append(ItemProblem(index=index, ref=ref, field=found["field"], message=found["message"]))
             continue
         refused = await destinations.problem(str(item.webhook_url)) if item.webhook_url else None
         if refused is not None:
             problems.append(ItemProblem(index=index, ref=ref, field="webhook_url", message=refused))
             continue
-        valid.append((index, JobRequest.model_validate(item.model_dump(exclude={"ref"})), item.ref))
+        valid.append((index, plan.request, item.ref))
     return valid, problems
+
+
+def batch_quote(rt: Runtime, valid: list[tuple[int, JobRequest, str | None]],
+                problems: list[ItemProblem]) -> BatchQuote:
+    items = [ItemQuote(index=i, ref=ref, provider=r.provider, model=r.model, cost=quote(rt, r).cost)
+             for i, r, ref in valid]
+    currencies = {q.cost.currency for q in items if q.cost is not None} or {"USD"}
+    total = round(sum(q.cost.amount for q in items if q.cost is not None), 6)
+    return BatchQuote(items=items, invalid=problems, unpriced=[q.index for q in items if q.cost is None],
+                      total=CostEstimate(amount=total, currency=sorted(currencies)[0],
+                                         rule=f"the sum of {len(items) - sum(q.cost is None for q in items)} "
+                                              "items' estimates"))
 
 
 async def _owned(rt: Runtime, tenant: str, batch_id: str) -> BatchRecord:
@@ -61,9 +89,12 @@ async def _owned(rt: Runtime, tenant: str, batch_id: str) -> BatchRecord:
     return record
 
 
-@router.post("", status_code=202, response_model=BatchCreated)
+@router.post("", status_code=202, response_model=BatchCreated | BatchQuote,
+             responses={200: {"description": "An earlier batch with the same Idempotency-Key, or a dry run's "
+                                             "quote (`dry_run: true`: nothing is created)"},
+                        402: {"description": "The batch's estimate does not fit the tenant's budget"}})
 async def create_batch(request: BatchRequest, raw: Request, rt: RuntimeDep, tenant: TenantDep, response: Response,
-                       idempotency_key: IdempotencyKey = None) -> BatchCreated:
+                       idempotency_key: IdempotencyKey = None) -> BatchCreated | BatchQuote:
     if request.webhook_url is not None:
         await check_url(rt, str(request.webhook_url), "webhook_url")
     valid, problems = await validate_items(rt, tenant, request.jobs)
@@ -71,15 +102,20 @@ async def create_batch(request: BatchRequest, raw: Request, rt: RuntimeDep, tena
         raise Problem(422, "Invalid batch", f"{len(problems)} of {len(request.jobs)} items are invalid and the "
                       "batch is atomic: nothing was accepted",
                       invalid=[p.model_dump() for p in problems])
+    if request.dry_run:
+        response.status_code = 200
+        return batch_quote(rt, valid, problems)
     body_hash = hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     providers = {name: p.settings for name, p in rt.registry.providers.items()}
     try:
         record, items, created = await rt.batches.create(
             tenant, request, valid, len(problems), idempotency_key=idempotency_key, body_hash=body_hash,
-            providers=providers)
+            providers=providers, api_key=caller_key.get())
     except BatchIdempotencyConflict as exc:
         raise Problem(409, "Idempotency key reused", "this Idempotency-Key was used with a different batch",
                       batch_id=exc.batch_id) from exc
+    except BudgetExceeded as exc:
+        raise budget_problem(exc) from exc
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/batches/{record.id}"
     view = await rt.batches.view(record)
@@ -108,8 +144,10 @@ async def batch_jobs(batch_id: str, rt: RuntimeDep, tenant: TenantDep, status: J
     return JobPage(data=[await rt.jobs.view(j) for j in jobs], next_cursor=next_cursor)
 
 
-@router.post("/{batch_id}/cancel", response_model=BatchView)
+@router.post("/{batch_id}/cancel", response_model=BatchView, status_code=202)
 async def cancel_batch(batch_id: str, rt: RuntimeDep, tenant: TenantDep) -> BatchView:
+    """Cancel the batch's unfinished jobs: answered at once (``canceled: true``), the jobs are canceled
+    by a worker within moments (their counts follow); none of them is submitted any more."""
     record = await _owned(rt, tenant, batch_id)
-    await rt.batches.cancel(record)
+    await rt.batches.request_cancel(record)
     return await rt.batches.view(record)

@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 from orchestrator.wire.jobs import (
+    AttemptView,
+    Fallback,
     JobCost,
     JobError,
     JobInput,
@@ -48,6 +50,20 @@ class ReconcileRetry(BaseModel):
     attempt: int
     tries: int
     reason: str = ""
+
+
+class LedgerHold(BaseModel):
+    """What the job holds against its tenant's budgets, and where it counts in the usage figures.
+
+    ``day`` (UTC, at acceptance) names the budget periods and the usage day; ``held``: micro-USD
+    reserved (the estimate) until the job settles; ``dims``: the usage groups it is counted in.
+    """
+
+    day: str
+    held: int = 0
+    dims: list[str] = Field(default_factory=list)
+    settled: bool = False
+    key: str | None = None  # the submitting API key's SHA-256 (its own budgets count the job too)
 
 
 # Keys of the pre-split ``provider_data`` dict that were the worker's, not the adapter's.
@@ -92,6 +108,9 @@ class Job(BaseModel):
     provider_task_id: str | None = None
     provider_request_id: str | None = None
     provider_status: str | None = None
+    # Where the provider says the task stands in its queue (fal's 0-indexed ``queue_position``), while
+    # it says so; the view's ``queue`` shows it.
+    provider_queue_position: int | None = None
     # The adapter's own state of the task (``SubmitResult.state``): only the adapter reads it.
     provider_state: dict[str, Any] = Field(default_factory=dict)
     provider_outputs: list[ProviderOutput] = Field(default_factory=list)
@@ -115,6 +134,17 @@ class Job(BaseModel):
     phase: Phase | None = None
     note: str | None = None
     cost: JobCost | None = None
+    ledger: LedgerHold | None = None
+
+    # Fallbacks: the entries not yet used, the codes that move the job on after a failure, the
+    # request's own input (each entry's ``input`` is merged over it), the providers tried so far.
+    fallbacks: list[Fallback] = Field(default_factory=list)
+    fallback_on: list[str] = Field(default_factory=list)
+    original_input: JobInput | None = None
+    provider_attempts: list[AttemptView] = Field(default_factory=list)
+    # Create calls the current provider refused as unavailable (not rate limits): the job gives up at
+    # ``ATELIER_SUBMIT_MAX_ATTEMPTS`` (then a fallback may take it).
+    refusals: int = 0
     outputs: list[Output] = Field(default_factory=list)
     error: JobError | None = None
     attempts: int = 0

@@ -17,6 +17,16 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+# A fallback (``services.fallbacks``) takes a job back to ``queued`` for its next provider from any
+# live state; only a ``job.fallback`` transition may, so no other path can requeue a created task.
+FALLBACK_FROM = frozenset({S.queued, S.submitting, S.submitted, S.running})
+
+
+def allowed(old: JobStatus, new: JobStatus, *, fallback: bool = False) -> bool:
+    return new == old or new in ALLOWED.get(old, frozenset()) or (fallback and new == S.queued
+                                                                   and old in FALLBACK_FROM)
+
+
 class IllegalTransition(Exception):
     pass
 

@@ -26,14 +26,16 @@ from orchestrator.domain.job import BatchRecord, Job
 from orchestrator.domain.webhooks import Delivery
 from orchestrator.infra import metrics
 from orchestrator.services.jobs import Jobs, model_cost, model_note
+from orchestrator.store import ledger
 from orchestrator.store.batches import BatchStore, finished_at
 from orchestrator.store.endpoints import Endpoints
 from orchestrator.store.jobs import Conflict, JobStore, ms
+from orchestrator.store.ledger import Ledger
 from orchestrator.store.queue import Queue
 from orchestrator.store.tenants import tenant_retention
 from orchestrator.store.webhook_gates import WebhookGates
 from orchestrator.wire.batches import BatchItemRef, BatchRequest, BatchView
-from orchestrator.wire.jobs import JobRequest, JobStatus, utcnow
+from orchestrator.wire.jobs import AttemptView, JobRequest, JobStatus, utcnow
 from providers.contract import ProviderSettings
 
 log = logging.getLogger("atelier.batches")
@@ -136,6 +138,7 @@ class BatchEvents:
 class Batches:
     jobs: Jobs
     events: BatchEvents
+    ledger: Ledger
 
     @property
     def store(self) -> JobStore:
@@ -148,7 +151,8 @@ class Batches:
     # -- creating --------------------------------------------------------------------
     async def create(self, tenant: str, request: BatchRequest, valid: list[tuple[int, JobRequest, str | None]],
                      invalid_count: int, *, idempotency_key: str | None, body_hash: str,
-                     providers: Mapping[str, ProviderSettings]) -> tuple[BatchRecord, list[BatchItemRef], bool]:
+                     providers: Mapping[str, ProviderSettings],
+                     api_key: str | None = None) -> tuple[BatchRecord, list[BatchItemRef], bool]:
         """Insert the valid items as jobs of a new batch. Returns ``(batch, items, created)``.
 
         ``providers``: the settings that give each item its deadline (see ``jobs.deadline_for``).
@@ -165,16 +169,24 @@ class Batches:
             batch_id = prior_id
         else:
             batch_id = new_id("bat")
+        insert = record is None
         if record is None:
             record = BatchRecord(id=batch_id, tenant=tenant, created_at=utcnow(),
                                  webhook_url=str(request.webhook_url) if request.webhook_url else None,
                                  metadata=request.metadata, items=len(request.jobs), invalid_count=invalid_count,
                                  idempotency_key=idempotency_key)
-            await self.batch_store.insert(record)
         jobs = [self._job(record, index, item, ref, providers.get(item.provider))
                 for index, item, ref in valid]
+        estimates = [j.cost.estimated.amount if j.cost and j.cost.estimated else 0.0 for j in jobs]
+        # The whole batch's estimate is held at once (once per batch id: a replay holds nothing more),
+        # before anything of the batch is written; each job then carries its share.
+        await self.ledger.reserve_batch(tenant, batch_id, sum(estimates), api_key)
+        if insert:
+            await self.batch_store.insert(record)
+        specs = [ledger.accept(job, amount, reserved_by_batch=True, api_key=api_key)
+                 for job, amount in zip(jobs, estimates, strict=True)]
         grace = self.jobs.settings.sweep_grace_seconds
-        if await self.store.create_many(jobs, active_at=time.time() + grace) == len(jobs):
+        if await self.store.create_many(jobs, active_at=time.time() + grace, ledgers=specs) == len(jobs):
             for job in jobs:  # (a replayed half-created batch is not counted again)
                 metrics.job_created(job)
         if await self.batch_store.accept(batch_id):
@@ -199,6 +211,10 @@ class Batches:
             batch_id=record.id, ref=ref, callback_token=token(), created_at=now, updated_at=now,
             timestamps={"queued": now}, deadline_at=deadline, operation=item.operation, source=item.source,
             note=model_note(provider, item.model), cost=model_cost(provider, item),
+            fallbacks=item.fallbacks, fallback_on=item.fallback_on,
+            original_input=item.input if item.fallbacks else None,
+            provider_attempts=[AttemptView(provider=item.provider, model=item.model, outcome="pending",
+                                           started_at=now)] if item.fallbacks else [],
         )
 
     # -- reading ------------------------------------------------------------------------
@@ -217,8 +233,15 @@ class Batches:
         return await self.batch_store.job_ids(batch_id, status, cursor, limit)
 
     # -- cancel ---------------------------------------------------------------------------
+    async def request_cancel(self, record: BatchRecord) -> None:
+        """Mark the batch canceled and have a worker cancel its jobs (``cancel``): a batch of 10,000 is
+        answered at once, not after 10,000 transitions. Until the worker reaches a queued job, the submit
+        step sees the mark and cancels it instead of submitting it."""
+        await self.batch_store.mark_canceled(record.id)
+        await self.jobs.queue.cancel_batch(record.id, str(ms()))
+
     async def cancel(self, record: BatchRecord) -> None:
-        """Cancel every job of the batch that has not finished."""
+        """Cancel every job of the batch that has not finished (a worker's step)."""
         await self.batch_store.mark_canceled(record.id)
         sem = asyncio.Semaphore(50)
 

@@ -20,11 +20,12 @@ from typing import Any
 from orchestrator.domain.deadlines import deadline_for
 from orchestrator.domain.ids import new_id, token
 from orchestrator.domain.job import Job
-from orchestrator.domain.transitions import ALLOWED, IllegalTransition, derive
+from orchestrator.domain.transitions import IllegalTransition, allowed, derive
 from orchestrator.domain.webhooks import NOTIFY_STATUSES, Delivery, Endpoint, job_event_payload, new_delivery
 from orchestrator.infra import metrics
 from orchestrator.infra.settings import Settings
 from orchestrator.services.views import JobViews
+from orchestrator.store import ledger
 from orchestrator.store.endpoints import Endpoints
 from orchestrator.store.jobs import REMOVE, EndpointsChanged, JobStore, ms
 from orchestrator.store.queue import Queue
@@ -33,6 +34,7 @@ from orchestrator.store.webhook_gates import WebhookGates
 from orchestrator.wire import limits
 from orchestrator.wire.jobs import (
     TERMINAL,
+    AttemptView,
     CostEstimate,
     JobCost,
     JobError,
@@ -59,6 +61,9 @@ def body_hash(request: JobRequest) -> str:
     body = request.model_dump(mode="json")
     if body["operation"] == "generate" and body["source"] is None:
         del body["operation"], body["source"]  # hashed as before these fields existed (keys stay valid)
+    del body["dry_run"]
+    if not body["fallbacks"] and not body["fallback_on"]:
+        del body["fallbacks"], body["fallback_on"]
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -68,7 +73,7 @@ def model_note(provider: ProviderSettings | None, model: str) -> str | None:
     return lifecycle_verdict(provider, model).note if provider is not None else None
 
 
-def model_cost(provider: ProviderSettings | None, request: JobRequest) -> JobCost | None:
+def model_cost(provider: ProviderSettings | None, request: JobRequest | Job) -> JobCost | None:
     """The job's estimated cost from its model's price rule (``None`` without one)."""
     if provider is None:
         return None
@@ -78,8 +83,29 @@ def model_cost(provider: ProviderSettings | None, request: JobRequest) -> JobCos
     return JobCost(estimated=CostEstimate(amount=found.amount, currency=found.currency, rule=found.rule))
 
 
+def final_cost(job: Job, *, billed: bool) -> CostEstimate | None:
+    """What a finished job cost: nothing when nothing was billed, else what the provider reported,
+    else the estimate (a failure after the provider accepted the task counts its estimate: Atelier
+    cannot know whether the provider charged it, unless the provider reported it)."""
+    cost = job.cost or JobCost()
+    if not billed:
+        currency = cost.estimated.currency if cost.estimated else "USD"
+        return CostEstimate(amount=0.0, currency=currency,
+                            rule="nothing was billed: the provider created nothing for this job")
+    return cost.reported or cost.estimated
+
+
+def was_billed(old: Job, status: JobStatus) -> bool:
+    """Whether a job finishing from ``old`` may have been billed: not when it never left the queue for
+    its current provider (canceled before submission, refused before creation is said by the caller)."""
+    return status == S.succeeded or old.status != S.queued or old.provider_task_id is not None
+
+
 # Told that a job finished: (the job as saved, whether its change finished the job's batch).
 FinishHook = Callable[[Job, bool], Awaitable[None]]
+# Asked to move a failing job on: (the job, its error, whether its provider created nothing) -> the
+# job moved to its next provider, or ``None`` when none can take it.
+FallbackHook = Callable[[Job, JobError, bool], Awaitable[Job | None]]
 
 
 @dataclass
@@ -92,6 +118,8 @@ class Jobs:
     # Called, in order, after a job reached a terminal state: free its provider slot, count its batch.
     finish_hooks: Sequence[FinishHook] = ()
     webhooks: WebhookGates = field(kw_only=True)  # new deliveries are admitted to the queue through it
+    # Moves a failing job to its next fallback (``services.fallbacks``); ``None``: the job fails.
+    fallback: FallbackHook | None = field(default=None, kw_only=True)
     # tenant -> (fingerprint, endpoints): what ``transition`` fans events out to, re-read when the
     # store says they changed.
     _known_endpoints: dict[str, tuple[str, list[Endpoint]]] = field(default_factory=dict)
@@ -125,11 +153,17 @@ class Jobs:
 
     # -- creating ----------------------------------------------------------------
     async def create(self, tenant: str, request: JobRequest, *, idempotency_key: str | None = None,
-                     provider: ProviderSettings | None = None, key_id: str | None = None) -> tuple[Job, bool]:
+                     provider: ProviderSettings | None = None, key_id: str | None = None,
+                     original: JobRequest | None = None, skipped: Sequence[AttemptView] = (),
+                     api_key: str | None = None) -> tuple[Job, bool]:
         """Record a job and schedule its submission. Returns ``(job, created)``.
 
         ``provider``: the settings that give the job its deadline (see ``deadline_for``).
         ``key_id``: the provider key it must use (a follow-up of a task, with the key that created it).
+        ``original``/``skipped``: the request as sent and the providers it names that could not take it
+        (a sunset model, no key), when ``request`` is already its first usable fallback.
+        ``api_key``: the submitting key's SHA-256 (its own budgets count the job too).
+        Raises ``BudgetExceeded`` (nothing is created) when the estimate does not fit the budgets.
         """
         now = utcnow()
         job = Job(
@@ -141,10 +175,17 @@ class Jobs:
             deadline_at=deadline_for(request, provider, self.settings.job_timeout_seconds, now),
             operation=request.operation, source=request.source, key_id=key_id,
             note=model_note(provider, request.model), cost=model_cost(provider, request),
+            fallbacks=request.fallbacks, fallback_on=request.fallback_on,
+            original_input=request.input if request.fallbacks else None,
+            provider_attempts=[*skipped, AttemptView(provider=request.provider, model=request.model,
+                                                     outcome="pending", started_at=now)]
+            if request.fallbacks or skipped else [],
         )
+        estimated = job.cost.estimated if job.cost else None
         job, created = await self.store.create(
             job, active_at=time.time() + self.settings.sweep_grace_seconds,
-            body_hash=body_hash(request) if idempotency_key else None,
+            body_hash=body_hash(original or request) if idempotency_key else None,
+            ledger=ledger.accept(job, estimated.amount if estimated else None, api_key=api_key),
         )
         if created:
             metrics.job_created(job)
@@ -153,9 +194,15 @@ class Jobs:
 
     # -- changing ------------------------------------------------------------------
     async def transition(self, job: Job, status: JobStatus, *, active_at: float | None = None,
-                         **changes: Any) -> Job:
-        """Move ``job`` to ``status`` (compare-and-set), log the event, create its webhooks."""
-        if status != job.status and status not in ALLOWED.get(job.status, frozenset()):
+                         billed: bool | None = None, event_type: str | None = None,
+                         ledger_step: ledger.Spec | None = None, **changes: Any) -> Job:
+        """Move ``job`` to ``status`` (compare-and-set), log the event, create its webhooks.
+
+        A job finishing settles its cost (``cost.final``) and its budget hold in the same step;
+        ``billed=False`` says the provider created nothing for it (by default: only a job that never
+        left the queue was not billed). ``event_type``/``ledger_step``: a fallback's own event and money.
+        """
+        if not allowed(job.status, status, fallback=event_type == "job.fallback"):
             raise IllegalTransition(f"{job.status} -> {status}")
         now = utcnow()
         new = derive(job, {**changes, "status": status})
@@ -170,14 +217,22 @@ class Jobs:
             if not job.status.terminal:
                 expires_at = time.time() + await self.retention_seconds(job.tenant)
                 new.expires_at = datetime.fromtimestamp(expires_at, UTC)
+                final = final_cost(new, billed=was_billed(job, status) if billed is None else billed)
+                new.cost = (new.cost or JobCost()).model_copy(update={"final": final})
+                ledger_step = ledger.settle(job, new, final.amount if final else 0.0,
+                                            succeeded=status == S.succeeded)
+                if new.provider_attempts and new.provider_attempts[-1].outcome == "pending":
+                    new.provider_attempts = [*new.provider_attempts[:-1], new.provider_attempts[-1].model_copy(
+                        update={"outcome": new.error.code if new.error else status.value, "ended_at": now,
+                                "cost": final, "key_id": new.key_id})]
         event = None
-        if status != job.status:
-            event = JobEvent(sequence=0, type=f"job.{status.value}", status=status, at=now,
+        if status != job.status or event_type is not None:
+            event = JobEvent(sequence=0, type=event_type or f"job.{status.value}", status=status, at=now,
                              progress=new.progress, error=new.error, note=new.note)
         for attempt in range(ENDPOINT_RETRIES + 1):
             deliveries: list[Delivery] = []
             fingerprint = None
-            if event is not None and status in NOTIFY_STATUSES:
+            if event is not None and (status in NOTIFY_STATUSES or event_type is not None):
                 # The endpoints as last seen by this process; the store checks, in the same step as
                 # the change, that they are still the tenant's (else: read them again, retry).
                 fingerprint, known = await self._endpoints(job.tenant, refresh=attempt > 0)
@@ -196,7 +251,7 @@ class Jobs:
             try:
                 saved, finished_batch = await self.store.apply(job, new, event=event, active_at=active_at,
                                                                deliveries=deliveries, endpoints=fingerprint,
-                                                               expires_at=expires_at)
+                                                               expires_at=expires_at, ledger=ledger_step)
                 break
             except EndpointsChanged:
                 continue
@@ -223,7 +278,12 @@ class Jobs:
         return saved
 
     async def fail(self, job: Job, code: str, message: str, detail: Any = None,
-                   status: JobStatus = S.failed, **changes: Any) -> Job:
+                   status: JobStatus = S.failed, *, created_nothing: bool = False, **changes: Any) -> Job:
+        """Fail the job, or move it to its next fallback provider when the request allows it.
+
+        ``created_nothing``: the provider provably created nothing (refused before acceptance after the
+        allowed retries, no usable key): nothing was billed, and a fallback may take the job.
+        """
         log.warning("job failed: %s: %s", code, message,
                     extra={"job_id": job.id, "tenant": job.tenant, "provider": job.provider,
                            "event": f"job.{status.value}.error"})
@@ -231,7 +291,13 @@ class Jobs:
         # neither bloat nor break the record (issue 13, defect 5).
         error = JobError(code=limits.clean_text(code, 100), message=limits.clean_text(message),
                          provider_detail=limits.bounded(detail))
-        return await self.transition(job, status, error=error, **changes)
+        if (self.fallback is not None and status == S.failed and job.fallbacks and not job.status.terminal
+                and code != "provider_outcome_unknown" and (created_nothing or code in job.fallback_on)):
+            moved = await self.fallback(job, error, created_nothing)
+            if moved is not None:
+                return moved
+        return await self.transition(job, status, error=error, billed=False if created_nothing else None,
+                                     **changes)
 
     async def cancel(self, job: Job) -> Job:
         """Cancel now; a task already at the provider is told to stop by a worker."""

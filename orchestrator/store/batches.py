@@ -68,6 +68,9 @@ class BatchStore:
     async def mark_canceled(self, batch_id: str) -> None:
         await self.redis.hsetnx(keys.batch(batch_id), "canceled_at", str(ms()))  # type: ignore[misc]
 
+    async def canceled(self, batch_id: str) -> bool:
+        return bool(await self.redis.hexists(keys.batch(batch_id), "canceled_at"))  # type: ignore[misc]
+
     async def progress_due(self, batch_id: str, interval_seconds: float) -> bool:
         """``True`` at most once per interval: time for a ``batch.progress`` event."""
         interval_ms = max(1, int(interval_seconds * 1000))

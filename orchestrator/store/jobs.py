@@ -25,6 +25,7 @@ from orchestrator.domain.job import Job
 from orchestrator.domain.webhooks import Delivery
 from orchestrator.infra import metrics
 from orchestrator.store import keys
+from orchestrator.store.ledger import BudgetExceeded, Spec
 from orchestrator.store.scripts import script
 from orchestrator.wire.jobs import JobEvent, JobStatus, utcnow
 
@@ -106,10 +107,12 @@ class JobStore:
         return self.endpoint_deliveries_key(delivery.endpoint_id) if delivery.endpoint_id else ""
 
     # -- jobs ----------------------------------------------------------------
-    async def create(self, job: Job, *, active_at: float, body_hash: str | None = None) -> tuple[Job, bool]:
+    async def create(self, job: Job, *, active_at: float, body_hash: str | None = None,
+                     ledger: Spec | None = None) -> tuple[Job, bool]:
         """Insert a new job. With an idempotency key, returns the earlier job instead (``False``).
 
-        Raises ``IdempotencyConflict`` when the key was used with a different body.
+        Raises ``IdempotencyConflict`` when the key was used with a different body, ``BudgetExceeded``
+        when ``ledger``'s budget check refuses it (nothing is written).
         """
         job.version = 1
         event = JobEvent(sequence=1, type="job.created", status=job.status, at=job.created_at)
@@ -117,14 +120,19 @@ class JobStore:
         idem_value = f"{job.id} {body_hash}" if job.idempotency_key else ""
         existing = await self._create(
             keys=self._create_keys(job, idem_key),
-            args=self._create_args(job, event, active_at, idem_value),
+            args=self._create_args(job, event, active_at, idem_value, ledger),
         )
-        if existing in (b"exists", "exists"):
+        if isinstance(existing, bytes):
+            existing = existing.decode()
+        if existing.startswith("budget "):
+            _, name, remaining = existing.split(" ")
+            raise BudgetExceeded.from_field(name, int(remaining), job.ledger.held if job.ledger else 0)
+        if existing == "exists":
             prior = await self.get(job.id)
             assert prior is not None
             return prior, False
         if existing:
-            prior_id, _, prior_hash = (existing.decode() if isinstance(existing, bytes) else existing).partition(" ")
+            prior_id, _, prior_hash = existing.partition(" ")
             if prior_hash != body_hash:
                 raise IdempotencyConflict(prior_id)
             prior = await self.get(prior_id)
@@ -138,20 +146,26 @@ class JobStore:
                 self.tenant_key(job.tenant, job.status), self.ACTIVE, idem_key,
                 self.batch_key(job.batch_id) if job.batch_id else keys.NONE]
 
-    def _create_args(self, job: Job, event: JobEvent, active_at: float, idem_value: str) -> list[str | int]:
+    def _create_args(self, job: Job, event: JobEvent, active_at: float, idem_value: str,
+                     ledger: Spec | None = None) -> list[str | int]:
         return [job_json(job), job.status.value, job.tenant, 0, event_json(event), job.id,
-                ms(active_at), idem_value, self.idempotency_ttl, job.version, job.batch_id or ""]
+                ms(active_at), idem_value, self.idempotency_ttl, job.version, job.batch_id or "",
+                ledger.json() if ledger is not None else ""]
 
-    async def create_many(self, jobs: Sequence[Job], *, active_at: float, chunk: int = 500) -> int:
-        """Insert jobs in pipelines (a batch); existing ids are skipped. Returns how many were new."""
+    async def create_many(self, jobs: Sequence[Job], *, active_at: float, chunk: int = 500,
+                          ledgers: Sequence[Spec | None] | None = None) -> int:
+        """Insert jobs in pipelines (a batch); existing ids are skipped. Returns how many were new.
+
+        ``ledgers``: each job's ledger step (its batch reserved the budget beforehand: no checks)."""
         created = 0
+        specs = list(ledgers) if ledgers is not None else [None] * len(jobs)
         for start in range(0, len(jobs), chunk):
             pipe = self.redis.pipeline(transaction=False)
-            for job in jobs[start:start + chunk]:
+            for job, spec in zip(jobs[start:start + chunk], specs[start:start + chunk], strict=True):
                 job.version = 1
                 event = JobEvent(sequence=1, type="job.created", status=job.status, at=job.created_at)
                 await self._create(keys=self._create_keys(job, keys.NO_IDEMPOTENCY),
-                             args=self._create_args(job, event, active_at, ""), client=pipe)
+                             args=self._create_args(job, event, active_at, "", spec), client=pipe)
             created += sum(1 for r in await pipe.execute() if r in (b"", ""))
         return created
 
@@ -205,13 +219,15 @@ class JobStore:
 
     async def apply(self, old: Job, new: Job, *, event: JobEvent | None = None, active_at: float | None = None,
                     deliveries: Sequence[Delivery] = (), endpoints: str | None = None,
-                    expires_at: float | None = None) -> tuple[Job, bool]:
+                    expires_at: float | None = None, ledger: Spec | None = None) -> tuple[Job, bool]:
         """``update``, also saying whether this change finished the job's batch (exactly once per batch).
 
         ``endpoints``: the fingerprint (``endpoints_fingerprint``) of the tenant's webhook endpoints
         that ``deliveries`` were made for; if they changed since, nothing is written and
         ``EndpointsChanged`` is raised (the caller makes the deliveries again). ``expires_at``: when a
         finishing job's records (and outputs) are reaped (``reap``), scheduled in the same step.
+        ``ledger``: the job's money moving with the change (``store.ledger``); ``BudgetExceeded`` when
+        its budget check refuses (nothing is written).
         """
         new.version = old.version + 1
         new.updated_at = utcnow()
@@ -226,12 +242,16 @@ class JobStore:
         args: list[str | int] = [old.version, job_json(new), new.status.value, old.id,
                                  event_json(event) if event else "", active, ms(), keys.DELIVERY_PREFIX,
                                  old.status.value, old.batch_id or "", "1" if finishing else "0",
-                                 endpoints or "", str(ms(expires_at)) if finishing and expires_at else ""]
+                                 endpoints or "", str(ms(expires_at)) if finishing and expires_at else "",
+                                 ledger.json() if ledger is not None else ""]
         for d in deliveries:
             script_keys.append(self.delivery_key(d.id))
             args.append(d.model_dump_json())
         args.extend(self._index_arg(d) for d in deliveries)
-        version, finished = await self._update(keys=script_keys, args=args)
+        version, finished, *refused = await self._update(keys=script_keys, args=args)
+        if version == -3:
+            name = refused[0].decode() if isinstance(refused[0], bytes) else str(refused[0])
+            raise BudgetExceeded.from_field(name, int(finished), new.ledger.held if new.ledger else 0)
         if version == -1:
             raise Conflict(f"job {old.id} does not exist")
         if version == 0:
@@ -289,6 +309,10 @@ class JobStore:
             else:
                 upper = f"({ids[-1]}"
         return Page(found, found[-1].id if found else None)
+
+    async def queued_ahead(self, tenant: str, job_id: str) -> int:
+        """How many of the tenant's queued jobs were accepted before ``job_id`` (fal's ``queue_position``)."""
+        return int(await self.redis.zlexcount(self.tenant_key(tenant, JobStatus.queued), "-", f"({job_id}"))
 
     # -- provider task index ---------------------------------------------------
     async def claim_task(self, provider: str, task_id: str, job_id: str) -> bool:

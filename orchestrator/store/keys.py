@@ -133,6 +133,12 @@ def endpoint_deliveries(endpoint_id: str, status: str | None = None) -> str:
     return f"{P}ep:{endpoint_id}:dl" + (f":{status}" if status else "")
 
 
+# -- the deployment -------------------------------------------------------------------------------
+# Hash: ``created_at``, written by every API and worker at start (and ``atelier keys create --init``);
+# the operator commands look for it before writing, so a wrong ATELIER_REDIS_URL is noticed.
+DEPLOYMENT = f"{P}deployment"
+
+
 # -- tenants and secrets --------------------------------------------------------------------------
 def api_key(digest: str) -> str:
     """Hash: ``tenant``, ``created_at`` of an API key, by its SHA-256."""
@@ -215,3 +221,28 @@ def key_out(provider: str, key_id: str) -> str:
 def model_durations(provider: str, model: str) -> str:
     """List of the run times (ms) of the model's latest succeeded jobs, newest first, capped."""
     return f"{P}dur:{provider}:{model}"
+
+
+# -- money: budgets and usage ------------------------------------------------------------------------
+def tenant_spend(tenant: str, period: str) -> str:
+    """Hash: ``committed`` micro-USD of the tenant's jobs accepted in ``period`` (``m2026-12`` a
+    month, ``d2026-12-03`` a day; UTC): estimates held, then final costs."""
+    return f"{P}spend:{tenant}:{period}"
+
+
+def key_spend(digest: str, period: str) -> str:
+    """Hash: ``committed`` micro-USD of the jobs one API key (its SHA-256) submitted in ``period``
+    (its budgets: ``budget_monthly``/``budget_daily`` in the key's own hash, ``api_key``)."""
+    return f"{P}spend:key:{digest}:{period}"
+
+
+def tenant_usage(tenant: str, day: str) -> str:
+    """Hash: the tenant's usage figures of jobs accepted on ``day`` (``2026-12-03``), per group:
+    ``{group}|n`` accepted, ``|est`` estimated micro-USD, ``|done`` finished, ``|ok`` succeeded,
+    ``|fin`` final micro-USD; groups ``all``, ``p:{provider}``, ``m:{provider}/{model}``, ``b:{batch}``."""
+    return f"{P}usage:{tenant}:{day}"
+
+
+def batch_budget(batch_id: str) -> str:
+    """String: set once a batch's estimate was reserved against its tenant's budgets."""
+    return f"{P}batch:{batch_id}:budget"

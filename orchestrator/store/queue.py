@@ -157,6 +157,10 @@ class Queue:
     async def collect(self, job_id: str, n: int, defer: float = 0) -> bool:
         return await self._enqueue("collect_outputs", f"collect:{job_id}:{n}", self.jobs_queue, defer, job_id)
 
+    async def cancel_batch(self, batch_id: str, tag: str) -> bool:
+        return await self._enqueue("cancel_batch_jobs", f"cancelbatch:{batch_id}:{tag}", self.jobs_queue, 0,
+                                   batch_id)
+
     async def cancel_at_provider(self, job_id: str) -> bool:
         return await self._enqueue("cancel_at_provider", f"cancel:{job_id}", self.jobs_queue, 0, job_id)
 

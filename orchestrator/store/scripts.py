@@ -8,10 +8,17 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+LIBRARY_MARK = "--! "  # a script's first line ``--! ledger`` prepends ``scripts/ledger.lib.lua``
+
 
 @cache
 def source(name: str) -> str:
-    return resources.files("orchestrator.store").joinpath(f"scripts/{name}.lua").read_text()
+    text = resources.files("orchestrator.store").joinpath(f"scripts/{name}.lua").read_text()
+    first = text.split("\n", 1)[0]
+    if first.startswith(LIBRARY_MARK):
+        libraries = first[len(LIBRARY_MARK):].split()
+        text = "".join(source(f"{lib}.lib") for lib in libraries) + text
+    return text
 
 
 def script(redis: Redis, name: str) -> AsyncScript:

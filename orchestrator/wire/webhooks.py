@@ -5,11 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictBool
+from pydantic.json_schema import SkipJsonSchema
 
-EVENT_TYPES = ("job.running", "job.succeeded", "job.failed", "job.canceled", "job.timed_out",
+from orchestrator.wire.strict import Integer
+
+# ``job.fallback``: the job moved to its next fallback provider (issue 17).
+EVENT_TYPES = ("job.running", "job.succeeded", "job.failed", "job.canceled", "job.timed_out", "job.fallback",
                "batch.progress", "batch.completed")
-EventType = Literal["job.running", "job.succeeded", "job.failed", "job.canceled", "job.timed_out",
+EventType = Literal["job.running", "job.succeeded", "job.failed", "job.canceled", "job.timed_out", "job.fallback",
                     "batch.progress", "batch.completed"]
 DEFAULT_GRACE_SECONDS = 24 * 3600
 
@@ -30,7 +34,7 @@ class EndpointCreate(BaseModel):
 
     url: AnyHttpUrl
     events: list[EventType] = Field(default_factory=list, description="Event types to send; empty: all")
-    enabled: bool = True
+    enabled: StrictBool = True
     description: str | None = Field(None, max_length=500)
 
 
@@ -39,9 +43,10 @@ class EndpointUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: AnyHttpUrl | None = None
+    # absent: unchanged; null is refused (422), so the schema does not offer it
+    url: AnyHttpUrl | SkipJsonSchema[None] = None
     events: list[EventType] | None = None
-    enabled: bool | None = None
+    enabled: StrictBool | SkipJsonSchema[None] = None
     description: str | None = Field(None, max_length=500)
 
 
@@ -73,7 +78,7 @@ class EndpointPage(BaseModel):
 class RotateSecret(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    grace_period_seconds: int = Field(DEFAULT_GRACE_SECONDS, ge=0, le=7 * 24 * 3600,
+    grace_period_seconds: Integer = Field(DEFAULT_GRACE_SECONDS, ge=0, le=7 * 24 * 3600,
                                       description="How long the previous secret keeps signing too")
 
 

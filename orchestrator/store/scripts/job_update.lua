@@ -1,3 +1,4 @@
+--! ledger
 -- Compare-and-set a job to its next version, with everything that must not be separated from it:
 -- the event log entry, the tenant status indexes, the sweeper's index, the webhook deliveries the
 -- change causes (and their endpoint indexes) and the batch counters.
@@ -9,9 +10,11 @@
 --       11 '1' if the new status is terminal and the old one was not, 12 the fingerprint of the
 --       endpoints the deliveries were made for ('' when not checked; see ``endpoints_fingerprint``),
 --       13 when a finishing job's records expire (ms, '' when not finishing),
---       14.. delivery JSON, then one endpoint delivery index key (or '') per delivery, in the same order
+--       14 ledger spec JSON or '' (ledger.lib.lua: the job's money moving with this change),
+--       15.. delivery JSON, then one endpoint delivery index key (or '') per delivery, in the same order
 -- Returns {new version, 1 if this finished the batch}, or {-1, 0} (no such job), {0, 0} (version
--- changed), {-2, 0} (the endpoints changed: nothing was written).
+-- changed), {-2, 0} (the endpoints changed: nothing was written), {-3, remaining micro-USD, field}
+-- (the ledger's budget check failed: nothing was written).
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return {-1, 0} end
 if v ~= ARGV[1] then return {0, 0} end
@@ -24,6 +27,12 @@ if ARGV[12] ~= '' then
     fp = redis.sha1hex(table.concat(vals, ','))
   end
   if fp ~= ARGV[12] then return {-2, 0} end
+end
+local ledger = nil
+if ARGV[14] ~= '' then
+  ledger = cjson.decode(ARGV[14])
+  local refused = ledger_refusal(ledger)
+  if refused then return {-3, refused[2], refused[1]} end
 end
 local nv = tonumber(v) + 1
 redis.call('HSET', KEYS[1], 'v', nv, 'd', ARGV[2], 's', ARGV[3])
@@ -46,15 +55,16 @@ end
 local n = #KEYS - 9
 for i = 10, #KEYS do
   local id = string.sub(KEYS[i], string.len(ARGV[8]) + 1)
-  redis.call('SET', KEYS[i], ARGV[i + 4])
+  redis.call('SET', KEYS[i], ARGV[i + 5])
   redis.call('SADD', KEYS[1] .. ':dl', id)
   redis.call('ZADD', KEYS[6], ARGV[7], id)
-  local idx = ARGV[i + 4 + n]
+  local idx = ARGV[i + 5 + n]
   if idx and idx ~= '' then
     redis.call('ZADD', idx, 0, id)
     redis.call('ZADD', idx .. ':pending', 0, id)
   end
 end
+if ledger then ledger_apply(ledger) end
 local finished = 0
 if ARGV[10] ~= '' and ARGV[9] ~= ARGV[3] then
   local b = KEYS[7]
