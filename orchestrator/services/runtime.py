@@ -17,14 +17,18 @@ from orchestrator.infra.settings import Settings
 from orchestrator.infra.storage import Storage, open_storage
 from orchestrator.infra.tls import client_ssl_context
 from orchestrator.services.batches import Batches, BatchEvents
+from orchestrator.services.fallbacks import Fallbacks
 from orchestrator.services.jobs import Jobs
 from orchestrator.services.retention import Reaper
 from orchestrator.services.slots import Slots
+from orchestrator.services.standing import Standings
 from orchestrator.services.views import JobViews
+from orchestrator.store import deployment
 from orchestrator.store.batches import BatchStore
 from orchestrator.store.durations import Durations
 from orchestrator.store.endpoints import Endpoints
 from orchestrator.store.jobs import JobStore
+from orchestrator.store.ledger import Ledger
 from orchestrator.store.polls import PollBoard
 from orchestrator.store.queue import Queue, connect
 from orchestrator.store.tenants import shared_secret
@@ -55,10 +59,12 @@ class Runtime:
     reaper: Reaper
     webhook_gates: WebhookGates
     durations: Durations  # measured run times per model (the catalog's p50/p90)
+    ledger: Ledger  # budgets and usage figures (a job's money moves with the job in store.jobs)
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
         redis = await connect(settings.redis_url, settings.queue_name)
+        await deployment.mark(redis)  # the operator commands check for it (a wrong ATELIER_REDIS_URL)
         secret = (settings.file_url_secret.get_secret_value() if settings.file_url_secret
                   else await shared_secret(redis, "file-url"))
         storage = open_storage(settings.storage_url, public_url=settings.public_url, secret=secret,
@@ -96,15 +102,19 @@ class Runtime:
         batch_store = BatchStore(redis, settings.idempotency_ttl_seconds)
         events = BatchEvents(store, batch_store, endpoints, queue, settings.batch_progress_interval_seconds,
                              settings.retention_seconds, webhooks=gates)
-        jobs = Jobs(settings, store, queue, JobViews(storage, settings.output_url_ttl_seconds), endpoints,
+        # a job's view shows where it waits (services/standing.py)
+        views = JobViews(storage, settings.output_url_ttl_seconds, Standings(throttle, durations).queue)
+        jobs = Jobs(settings, store, queue, views, endpoints,
                     finish_hooks=(slots.job_finished, events.on_job_finished, durations.job_finished),
                     webhooks=gates)
+        jobs.fallback = Fallbacks(jobs, registry, slots).move
+        money = Ledger(redis)
         return cls(settings=settings, redis=redis, store=store, queue=queue, storage=storage,
-                   registry=registry, jobs=jobs, batches=Batches(jobs, events), endpoints=endpoints, slots=slots,
+                   registry=registry, jobs=jobs, batches=Batches(jobs, events, money), endpoints=endpoints, slots=slots,
                    http=client(200), provider_http={name: client(100) for name in registry.providers},
                    media_http=webhook_client(settings.http_timeout_seconds, settings.allow_private_fetches),
                    throttle=throttle, polls=polls, reaper=Reaper(store, batch_store, storage),
-                   webhook_gates=gates, durations=durations)
+                   webhook_gates=gates, durations=durations, ledger=money)
 
     def http_for(self, provider: str) -> httpx.AsyncClient:
         """The client for ``provider``'s API."""

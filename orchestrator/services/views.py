@@ -7,18 +7,21 @@ API's file route), never stored: the state machine knows nothing of them.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from orchestrator.domain.job import Job
 from orchestrator.infra.storage import Storage
-from orchestrator.wire.jobs import JobView, OutputView
+from orchestrator.wire.jobs import JobView, OutputView, QueueView
 
 
 @dataclass
 class JobViews:
     storage: Storage
     url_ttl_seconds: int
+    # Where a waiting job stands (``services/standing.py``): its view's ``queue``.
+    standing: Callable[[Job], Awaitable[QueueView | None]] | None = None
 
     async def job(self, job: Job, url_ttl: int | None = None) -> JobView:
         ttl = url_ttl or self.url_ttl_seconds
@@ -40,5 +43,7 @@ class JobViews:
             webhook_url=job.webhook_url, batch_id=job.batch_id, ref=job.ref, created_at=job.created_at,
             updated_at=job.updated_at, timestamps=job.timestamps, deadline_at=job.deadline_at,
             sequence=job.version, operation=job.operation, source=job.source, expires_at=job.expires_at,
-            cost=job.cost,
+            cost=job.cost, fallbacks=job.fallbacks, fallback_on=job.fallback_on,
+            provider_attempts=job.provider_attempts,
+            queue=await self.standing(job) if self.standing is not None else None,
         )

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 from redis.asyncio import Redis
 
@@ -35,6 +36,18 @@ class Limits:
     concurrency: int | None = None  # tasks in flight per key
     rpm: float | None = None  # requests per minute per key
     burst: int = 5
+
+
+@dataclass(frozen=True)
+class LinePlace:
+    """A job's place in one of its key's lines: ``rank`` jobs wait ahead of it; ``inflight`` tasks hold
+    the key's ``cap`` slots; ``interval``: seconds between two requests of the key's budget."""
+
+    line: Literal["slot", "request_budget"]
+    rank: int
+    inflight: int
+    cap: int | None
+    interval: float | None
 
 
 class Throttle:
@@ -131,5 +144,62 @@ class Throttle:
                            else await self.redis.zrange(key, 0, 999))
                 yield kind, provider, key_id, [m.decode() if isinstance(m, bytes) else str(m) for m in members]
 
+    async def place(self, provider: str, key_id: str, job_id: str) -> LinePlace | None:
+        """Where ``job_id`` waits on the key: in its slot line or its budget line (``None``: in neither).
+
+        One round trip (both ranks, the slots taken); a job view of a throttled job asks it."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrank(self.waiting_key(provider, key_id), job_id)
+        pipe.zrank(self.line_key(provider, key_id), job_id)
+        pipe.scard(self.inflight_key(provider, key_id))
+        slot_rank, budget_rank, inflight = await pipe.execute()
+        if slot_rank is not None:
+            return LinePlace("slot", int(slot_rank), int(inflight), self.cap(provider), None)
+        if budget_rank is not None:
+            interval, _ = self._interval_burst(provider)
+            return LinePlace("request_budget", int(budget_rank), int(inflight), self.cap(provider),
+                             interval / 1000 if interval else None)
+        return None
+
     async def inflight(self, provider: str, key_id: str) -> int:
         return int(await self.redis.scard(self.inflight_key(provider, key_id)))  # type: ignore[misc]
+
+    async def usage(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], KeyUsage]:
+        """What each ``(provider, key_id)`` holds now: slots in flight and waiting, the request budget spent
+        and when its next request may go (one round trip; the dashboard's operations view)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for provider, key_id in pairs:
+            pipe.scard(self.inflight_key(provider, key_id))
+            pipe.zcard(self.waiting_key(provider, key_id))
+            pipe.zcard(self.line_key(provider, key_id))
+            pipe.get(self.rate_key(provider, key_id))
+        values = await pipe.execute() if pairs else []
+        now = time.time() * 1000
+        result = {}
+        for i, (provider, key_id) in enumerate(pairs):
+            inflight, waiting, line, raw_tat = values[4 * i:4 * i + 4]
+            limits = self.limits.get(provider) or Limits()
+            interval, burst_ms = self._interval_burst(provider)
+            tat = max(now, float(raw_tat)) if raw_tat is not None else now
+            allow_at = tat - burst_ms if interval else tat
+            spent = min(limits.burst, math.ceil((tat - now) / interval)) if interval else 0
+            result[(provider, key_id)] = KeyUsage(
+                inflight=int(inflight), cap=limits.concurrency, waiting=int(waiting), budget_line=int(line),
+                rpm=limits.rpm, burst=limits.burst if limits.rpm else None, budget_spent=spent,
+                next_request_in=max(0.0, (allow_at - now) / 1000))
+        return result
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    """One provider key's throttle state: ``budget_spent`` of its ``burst`` requests are spent (the GCRA
+    window), and ``next_request_in`` seconds pass before it may make another (a pause from a 429 too)."""
+
+    inflight: int
+    cap: int | None
+    waiting: int  # jobs queued for a slot
+    budget_line: int  # jobs waiting for the request budget to submit
+    rpm: float | None
+    burst: int | None
+    budget_spent: int
+    next_request_in: float
