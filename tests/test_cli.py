@@ -17,7 +17,8 @@ def atelier(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
 
 
 def test_keys_create_prints_a_key_once(redis_url):
-    out = atelier("keys", "create", "--tenant", "studio-7", env={"ATELIER_REDIS_URL": redis_url})
+    # --init: the Redis is empty (tests/test_cli_dev.py: without it, an empty Redis is refused)
+    out = atelier("keys", "create", "--tenant", "studio-7", "--init", env={"ATELIER_REDIS_URL": redis_url})
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip()
     assert key.startswith("atl_") and "shown only this once" in out.stderr
@@ -49,3 +50,10 @@ def test_demo_runs_offline_and_passes(tmp_path):
     out = atelier("demo", "--storage", str(tmp_path / "store"), "--timeout", "90", timeout=150)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "demo passed" in out.stdout and "sha256 ok" in out.stdout
+    # Piped (no terminal): the table once, closed before the next line; no job JSON unless --verbose.
+    lines = out.stdout.splitlines()
+    assert sum("Atelier demo - " in line for line in lines) == 1, out.stdout
+    bottom = [line for line in lines if "┘" in line]
+    assert len(bottom) == 1 and bottom[0].rstrip().endswith("┘"), bottom
+    assert '"provider_task_id"' not in out.stdout and "--verbose" in out.stdout
+    assert len(lines) < 250, f"{len(lines)} lines"

@@ -5,6 +5,7 @@ simulators, shows their progress, verifies every stored file and every webhook, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -54,7 +55,7 @@ DEMO_JOBS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("doubao", "video", "doubao-seedance-1-0-pro-250528", {"prompt": "a kite over a wheat field",
                                                           "duration_seconds": 5, "aspect_ratio": "16:9"}),
     ("doubao", "image", "doubao-seedream-4-0-250828", {"prompt": "a tea house in the rain, ink wash",
-                                                       "resolution": "2K"}),
+                                                       "resolution": "2k"}),
     ("dashscope", "video", "wan2.2-t2v-plus", {"prompt": "a koi pond at night, lanterns", "resolution": "480p",
                                                "aspect_ratio": "16:9"}),
     ("dashscope", "image", "qwen-image", {"prompt": "a poster that says ATELIER in bold letters"}),
@@ -114,37 +115,47 @@ def _table(jobs: dict[str, dict[str, Any]], webhooks: int) -> Table:
     return table
 
 
-async def run_demo(storage_dir: Path, timeout: float = 180.0) -> int:
-    console = Console()
+async def run_demo(storage_dir: Path, timeout: float = 180.0, *, verbose: bool = False,
+                   console: Console | None = None) -> int:
+    """The table of jobs (live on a terminal), each output with its check, and the summary;
+    ``verbose`` adds every job's final JSON."""
+    # Piped, rich would wrap at 80 columns: wide enough for whole job ids and model names instead.
+    console = console or Console()
+    if not console.is_terminal:
+        console = Console(file=console.file, width=max(console.width, 140))
     storage_dir.mkdir(parents=True, exist_ok=True)
     receiver = Receiver()
     async with serving(receiver.app) as hook_url, dev_stack(
         storage_url=f"file://{storage_dir.resolve()}", log_format="text", log_level="WARNING",
     ) as stack:
-        console.print(f"API {stack.api_url}   simulators {stack.sandbox_url}   storage {storage_dir.resolve()}")
+        console.print(f"API {stack.api_url}   simulators {stack.sandbox_url}   storage {storage_dir.resolve()}",
+                      soft_wrap=True)
+        console.print(f"dashboard {stack.api_url}/dashboard   (while the demo runs; sign in with API key "
+                      f"{stack.api_key})", soft_wrap=True)
         async with httpx.AsyncClient(base_url=stack.api_url, timeout=30,
                                      headers={"Authorization": f"Bearer {stack.api_key}"}) as api:
             receiver.secret = (await api.get("/v1/webhook-secret")).json()["secret"]
             jobs = await _submit_all(api, stack, hook_url + "/hook", console)
+            submitted = len(jobs)
             if not jobs:
                 console.print("[red]no demo job could be submitted[/]")
                 return 1
             ok = await _follow(api, jobs, receiver, console, timeout)
             follow_ups = await _submit_follow_ups(api, jobs, hook_url + "/hook", console)
-            ok = bool(follow_ups) and ok
+            # every demo job and follow-up must be accepted (a refusal was printed above)
+            demo_jobs = _configured(stack)
+            wanted = [f for f in FOLLOW_UPS if any((j[0], j[2]) == f[:2] for j in demo_jobs)]
+            ok = ok and submitted == len(demo_jobs) and len(follow_ups) == len(wanted)
             jobs |= follow_ups
             ok = await _follow(api, jobs, receiver, console, timeout) and ok
-            return await _report(api, stack, jobs, receiver, storage_dir, console, ok)
+            if not console.is_terminal:  # no live table was drawn: the final one, once
+                console.print(_table(jobs, len(receiver.received)))
+            return await _report(api, stack, jobs, receiver, storage_dir, console, ok, verbose=verbose)
 
 
 async def _submit_all(api: httpx.AsyncClient, stack: Stack, hook: str, console: Console) -> dict[str, dict[str, Any]]:
-    from providers.registry import ADAPTERS
-
-    configured = set(stack.simulators) & set(ADAPTERS)
     jobs: dict[str, dict[str, Any]] = {}
-    for provider, kind, model, inp in DEMO_JOBS:
-        if provider not in configured:
-            continue
+    for provider, kind, model, inp in _configured(stack):
         body = {"provider": provider, "kind": kind, "model": model, "input": inp, "webhook_url": hook,
                 "metadata": {"demo": True}}
         resp = await api.post("/v1/jobs", json=body)
@@ -154,6 +165,13 @@ async def _submit_all(api: httpx.AsyncClient, stack: Stack, hook: str, console: 
         job = resp.json()
         jobs[job["id"]] = job
     return jobs
+
+
+def _configured(stack: Stack) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """The demo jobs whose provider has a simulator and an adapter."""
+    from providers.registry import ADAPTERS
+
+    return [job for job in DEMO_JOBS if job[0] in stack.simulators and job[0] in ADAPTERS]
 
 
 async def _submit_follow_ups(api: httpx.AsyncClient, jobs: dict[str, dict[str, Any]], hook: str,
@@ -181,11 +199,14 @@ async def _follow(api: httpx.AsyncClient, jobs: dict[str, dict[str, Any]], recei
                   console: Console, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     terminal = {"succeeded", "failed", "canceled", "timed_out"}
-    with Live(_table(jobs, len(receiver.received)), console=console, refresh_per_second=8) as live:
+    # Live only on a terminal: piped, rich prints the last frame without its closing newline.
+    with (Live(_table(jobs, len(receiver.received)), console=console, refresh_per_second=8)
+          if console.is_terminal else contextlib.nullcontext()) as live:
         while time.monotonic() < deadline:
             for job_id in list(jobs):
                 jobs[job_id] = (await api.get(f"/v1/jobs/{job_id}")).json()
-            live.update(_table(jobs, len(receiver.received)))
+            if live is not None:
+                live.update(_table(jobs, len(receiver.received)))
             if all(j["status"] in terminal for j in jobs.values()):
                 # Give the last webhooks a moment to arrive.
                 expected = sum(1 for j in jobs.values() if j["status"] == "succeeded") * 2
@@ -196,12 +217,19 @@ async def _follow(api: httpx.AsyncClient, jobs: dict[str, dict[str, Any]], recei
 
 
 async def _report(api: httpx.AsyncClient, stack: Stack, jobs: dict[str, dict[str, Any]], receiver: Receiver,
-                  storage_dir: Path, console: Console, finished: bool) -> int:
+                  storage_dir: Path, console: Console, finished: bool, *, verbose: bool = False) -> int:
     ok = finished
+    console.rule("outputs, each checked against its recorded sha256")
     for job in jobs.values():
-        console.rule(f"{job['id']} - {job['provider']} {job['kind']}")
-        console.print_json(json.dumps(job))
+        if verbose:
+            console.rule(f"{job['id']} - {job['provider']} {job['kind']}")
+            console.print_json(json.dumps(job))
+        else:
+            console.print(f"{job['id']}  {job['provider']}/{job['model']} {job.get('operation') or 'generate'}: "
+                          f"{job['status']}", highlight=False, soft_wrap=True)
         if job["status"] != "succeeded":
+            error = job.get("error") or {}
+            console.print(f"  [red]{error.get('code', job['status'])}: {error.get('message', '')}[/]")
             ok = False
             continue
         for output in job["outputs"]:
@@ -212,7 +240,7 @@ async def _report(api: httpx.AsyncClient, stack: Stack, jobs: dict[str, dict[str
             ok = ok and good
             mark = "[green]sha256 ok[/]" if good else "[red]sha256 MISMATCH[/]"
             console.print(f"  output {output['index']}: {output['content_type']}, {output['bytes']} bytes -> "
-                          f"{path} {mark}")
+                          f"{path} {mark}", highlight=False, soft_wrap=True)
     events = {(e["data"]["id"], e["type"]) for e in receiver.received}
     missing = [(j["id"], "job." + j["status"]) for j in jobs.values() if (j["id"], "job." + j["status"]) not in events]
     console.rule("summary")
@@ -221,6 +249,8 @@ async def _report(api: httpx.AsyncClient, stack: Stack, jobs: dict[str, dict[str
                   f"{receiver.bad_signatures} with bad signatures; terminal webhooks missing: {len(missing)}")
     ok = ok and not missing and receiver.bad_signatures == 0
     console.print("[green]demo passed[/]" if ok else "[red]demo failed[/]")
+    if not verbose:
+        console.print("(each job's final JSON: atelier demo --verbose)")
     return 0 if ok else 1
 
 

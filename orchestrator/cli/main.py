@@ -1,9 +1,11 @@
 """The ``atelier`` command line.
 
 Server side:   serve, worker, dev, demo, sandbox, keys create, provider-keys list|restore, models, healthcheck
-Client side:   submit, get, jobs list|get|cancel|wait, batch submit|status
-               (talk to --url / ATELIER_URL with --api-key / ATELIER_API_KEY through orchestrator.client;
-               see cli_client.py and cli_batch.py; provider-keys: cli_provider_keys.py)
+Client side:   run, submit, get, jobs list|get|cancel|wait|download, batch submit|status,
+               webhooks create|list|get|update|delete|secret|rotate|deliveries|delivery|replay|recover
+               (talk to --url / ATELIER_URL with --api-key / ATELIER_API_KEY through the client package,
+               atelier_client; see cli/client.py, cli/run.py, cli/batch.py, cli/webhooks.py;
+               provider-keys: cli/provider_keys.py)
 """
 
 from __future__ import annotations
@@ -13,18 +15,26 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from orchestrator.cli.api_keys import add_api_key_commands
 from orchestrator.cli.batch import add_batch_commands
 from orchestrator.cli.client import CliError, add_jobs_commands, client_args, cmd_get, cmd_submit
 from orchestrator.cli.models import add_models_command
+from orchestrator.cli.money import add_budget_command, add_usage_command
 from orchestrator.cli.provider_keys import add_provider_keys_commands
+from orchestrator.cli.run import add_run_command
+from orchestrator.cli.webhooks import add_webhooks_commands
 from orchestrator.infra import logs
 from orchestrator.infra.settings import Settings
+
+if TYPE_CHECKING:
+    from orchestrator.cli.devstack import Stack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the offline demo: renders a mix of jobs on the simulators")
     p.add_argument("--storage", default="./.atelier/demo-storage")
     p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument("--verbose", action="store_true", help="also print each job's final JSON")
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("sandbox", help="serve the provider simulators alone")
@@ -94,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys = keys_parser.add_subparsers(dest="keys_command", metavar="ACTION")
     p = keys.add_parser("create", help="create an API key for a tenant (printed once)")
     p.add_argument("--tenant", required=True)
+    p.add_argument("--init", action="store_true",
+                   help="the Redis (ATELIER_REDIS_URL) holds no Atelier data yet: start a new deployment on it")
     p.set_defaults(run=cmd_keys_create)
+    add_api_key_commands(keys)
 
     tenants_parser = sub.add_parser("tenants", help="per-tenant settings an operator sets")
     tenants_parser.set_defaults(run=lambda _args: _usage(tenants_parser))
@@ -104,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--seconds", type=int, help="keep finished jobs this long (then they are deleted)")
     group.add_argument("--clear", action="store_true", help="back to ATELIER_RETENTION_SECONDS")
+    p.add_argument("--init", action="store_true",
+                   help="the Redis (ATELIER_REDIS_URL) holds no Atelier data yet: start a new deployment on it")
     p.set_defaults(run=cmd_tenant_retention)
+    add_budget_command(tenants)
+    add_usage_command(sub)
 
     quarantine_parser = sub.add_parser("quarantine", help="stored records set aside because they cannot be read")
     quarantine_parser.set_defaults(run=lambda _args: _usage(quarantine_parser))
@@ -130,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.set_defaults(run=cmd_get)
 
+    add_run_command(sub)
     add_jobs_commands(sub)
     add_batch_commands(sub)
+    add_webhooks_commands(sub)
     add_provider_keys_commands(sub)
     add_models_command(sub)
     return parser
@@ -206,25 +226,56 @@ def cmd_dev(args: argparse.Namespace) -> int:
         storage = "file://" + str(Path(args.storage).resolve())
         async with dev_stack(api_port=args.port, sandbox_port=args.sandbox_port, storage_url=storage,
                              log_format="text") as stack:
-            print(f"Atelier dev stack is up.\n  API:        {stack.api_url}   (docs: {stack.api_url}/docs)\n"
-                  f"  API key:    {stack.api_key}\n"
-                  f"  dashboard:  {stack.api_url}/dashboard   (sign in with the API key)\n"
-                  f"  simulators: {stack.sandbox_url}/<provider>\n"
-                  f"  storage:    {storage}\n  Redis:      {stack.settings.redis_url}\n"
-                  f"Try:\n  export ATELIER_URL={stack.api_url} ATELIER_API_KEY={stack.api_key}\n"
-                  f"  atelier submit --provider replicate --kind image --model black-forest-labs/flux-schnell "
-                  f"--prompt 'a red fox' --wait\nCtrl-C stops everything.", flush=True)
-            await _forever()
+            print(dev_banner(stack, storage), flush=True)
+            await _until_stopped()
+        print("Atelier dev stack stopped (its private Redis with it).", flush=True)
 
     _run_until_interrupted(run())
     return 0
+
+
+def dev_banner(stack: Stack, storage: str) -> str:
+    """What ``atelier dev`` prints: where everything is, and the exports the other commands need."""
+    redis_url = stack.settings.redis_url
+    off = [what for what, allowed in (("webhooks", stack.settings.webhook_allow_private),
+                                      ("media inputs", stack.settings.allow_private_fetches)) if allowed]
+    guard = ("on (webhooks and media inputs never reach loopback or private addresses)\n" if not off else
+             f"OFF for {' and '.join(off)} (ATELIER_WEBHOOK_ALLOW_PRIVATE=true), so local receivers work;\n"
+             f"              they may reach loopback and private addresses. Never run production like this.\n")
+    return (
+        f"Atelier dev stack is up.\n"
+        f"  API:        {stack.api_url}   (docs: {stack.api_url}/docs)\n"
+        f"  API key:    {stack.api_key}\n"
+        f"  dashboard:  {stack.api_url}/dashboard   (sign in with the API key)\n"
+        f"  simulators: {stack.sandbox_url}/<provider>   (every provider is simulated; nothing is billed)\n"
+        f"  storage:    {storage}\n"
+        f"  Redis:      {redis_url}   (private: it stops with this command)\n"
+        f"  guard:      private-address guard {guard}"
+        f"In another shell, point the other commands at this stack:\n"
+        f"  export ATELIER_URL={stack.api_url} ATELIER_API_KEY={stack.api_key} ATELIER_REDIS_URL={redis_url}\n"
+        f"Then try:\n"
+        f"  atelier submit --provider replicate --kind image --model black-forest-labs/flux-schnell "
+        f"--prompt 'a red fox' --wait\n"
+        f"  atelier keys create --tenant other      # a second tenant's key, in this stack's Redis\n"
+        f"Ctrl-C (or SIGTERM) stops everything."
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.cli.demo import run_demo
 
     logs.configure("text", "WARNING")
-    return asyncio.run(run_demo(Path(args.storage), args.timeout))
+
+    async def run() -> int:
+        # SIGTERM unwinds the demo like Ctrl-C does, so its private redis-server stops with it.
+        demo = asyncio.ensure_future(run_demo(Path(args.storage), args.timeout, verbose=args.verbose))
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, demo.cancel)
+        try:
+            return await demo
+        except asyncio.CancelledError:
+            return 128 + signal.SIGTERM
+
+    return asyncio.run(run())
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -243,14 +294,18 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
+    from orchestrator.cli.redis_target import require_deployment
     from orchestrator.store.queue import connect
-    from orchestrator.store.tenants import create_api_key
+    from orchestrator.store.tenants import TENANT_RE, create_api_key
 
+    if not TENANT_RE.match(args.tenant):
+        raise CliError("tenant names are 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
     settings = _settings()
 
     async def run() -> str:
         redis = await connect(settings.redis_url, settings.queue_name)
         try:
+            await require_deployment(redis, settings, init=args.init)
             return await create_api_key(redis, args.tenant)
         finally:
             await redis.aclose()
@@ -267,6 +322,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_retention(args: argparse.Namespace) -> int:
+    from orchestrator.cli.redis_target import require_deployment
     from orchestrator.store.queue import connect
     from orchestrator.store.tenants import TENANT_RE, set_tenant_retention
 
@@ -279,6 +335,7 @@ def cmd_tenant_retention(args: argparse.Namespace) -> int:
     async def run() -> None:
         redis = await connect(settings.redis_url, settings.queue_name)
         try:
+            await require_deployment(redis, settings, init=args.init)
             await set_tenant_retention(redis, args.tenant, None if args.clear else args.seconds)
         finally:
             await redis.aclose()
@@ -293,6 +350,7 @@ def cmd_tenant_retention(args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    from orchestrator.cli.redis_target import warn_if_empty
     from orchestrator.store.jobs import JobStore
     from orchestrator.store.queue import connect
 
@@ -301,6 +359,7 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
     async def run() -> dict[str, str]:
         redis = await connect(settings.redis_url, settings.queue_name)
         try:
+            await warn_if_empty(redis, settings)
             return await JobStore(redis).quarantined()
         finally:
             await redis.aclose()
@@ -321,6 +380,19 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
 
 async def _forever() -> None:
     await asyncio.Event().wait()
+
+
+async def _until_stopped() -> None:
+    """Wait for SIGTERM or SIGINT; returning lets every ``async with`` close (the private Redis too)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
 
 
 def _run_until_interrupted(coro: Any) -> None:

@@ -75,12 +75,14 @@ def _settings() -> Settings:
 
 
 def _with_redis(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run ``work(redis)`` against the configured Redis."""
+    """Run ``work(redis)`` against the configured Redis (saying so when it holds no Atelier data)."""
+    from orchestrator.cli.redis_target import warn_if_empty
     from orchestrator.store.queue import connect
 
     async def run() -> T:
         redis = await connect(settings.redis_url, settings.queue_name)
         try:
+            await warn_if_empty(redis, settings)
             return await work(redis)
         finally:
             await redis.aclose()
