@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orchestrator.api.deps import caller_key
 from orchestrator.api.jobs import request_problem
 from orchestrator.api.problems import Problem
 from orchestrator.api.webhook_endpoints import check_url
@@ -46,6 +47,7 @@ from orchestrator.infra.media import sniff
 from orchestrator.infra.storage import OutputTooLarge, spool
 from orchestrator.services.runtime import Runtime
 from orchestrator.store.jobs import IdempotencyConflict, UnreadableRecord
+from orchestrator.store.ledger import BudgetExceeded
 from orchestrator.wire.jobs import JobRequest
 from providers.registry import ADAPTERS
 
@@ -315,10 +317,13 @@ async def create_job(rt: Runtime, tenant: str, request: JobRequest, idempotency_
     provider = rt.registry.get(request.provider)
     assert provider is not None  # checked by ``choose``
     try:
-        job, _ = await rt.jobs.create(tenant, request, idempotency_key=idempotency_key, provider=provider.settings)
+        job, _ = await rt.jobs.create(tenant, request, idempotency_key=idempotency_key, provider=provider.settings,
+                                      api_key=caller_key.get())
     except IdempotencyConflict as exc:
         raise OpenAIError(409, f"this Idempotency-Key was used with a different request (job {exc.job_id})",
                           code="idempotency_key_reused") from exc
+    except BudgetExceeded as exc:  # OpenAI's own answer to a spent quota
+        raise OpenAIError(429, f"You exceeded your current quota: {exc}", code="insufficient_quota") from exc
     return job
 
 
