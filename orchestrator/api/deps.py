@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from orchestrator.api.problems import Problem
 from orchestrator.domain.job import Job
 from orchestrator.services.runtime import Runtime
-from orchestrator.store.tenants import tenant_for_key
+from orchestrator.store.tenants import hash_key, tenant_for_key
+
+# The digest of the API key the current request was authenticated with (its per-key budgets):
+# set where a key is checked, read where a job is accepted.
+caller_key: ContextVar[str | None] = ContextVar("caller_key", default=None)
 
 
 def runtime(request: Request) -> Runtime:
@@ -20,14 +26,22 @@ def runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 
 
-async def tenant(rt: RuntimeDep, authorization: Annotated[str | None, Header()] = None) -> str:
-    scheme, _, key = (authorization or "").partition(" ")
+# Declares the Bearer scheme in OpenAPI (the Authorize button in /docs) for every route that takes TenantDep;
+# the header is read below, so a missing or malformed one gets Atelier's problem+json 401.
+bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                    description="An Atelier API key (`atelier keys create`), sent as `Authorization: Bearer <key>`.")
+
+
+async def tenant(rt: RuntimeDep, request: Request,
+                 _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Problem(401, "Unauthorized", "send 'Authorization: Bearer <api key>'",
                       headers={"WWW-Authenticate": "Bearer"})
     found = await tenant_for_key(rt.redis, key.strip())
     if found is None:
         raise Problem(401, "Unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+    caller_key.set(hash_key(key.strip()))
     return found
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import fastapi.routing
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from orchestrator.store.jobs import UnreadableRecord
 
@@ -44,6 +48,28 @@ def field_name(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+def routes_of(app: Starlette) -> Iterator[Any]:
+    """Every route of ``app`` with its router's prefix applied. FastAPI 0.16x keeps included routers
+    nested (``_IncludedRouter``) and flattens them through ``iter_route_contexts``; older versions
+    list the routes themselves."""
+    iter_contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+    yield from app.router.routes if iter_contexts is None else iter_contexts(app.router.routes)
+
+
+def allowed_methods(request: Request) -> str:
+    """``Allow`` for a 405: the methods of every route at this path, not only the first one Starlette
+    tried (``/v1/jobs/{job_id}`` is GET and DELETE). A route with a literal segment where another has
+    a parameter is the more specific resource (``/v1/jobs/query`` is POST only)."""
+    matching: list[tuple[int, set[str]]] = []
+    for route in routes_of(request.app):
+        methods = getattr(route, "methods", None)
+        if methods and route.matches(request.scope)[0] != Match.NONE:
+            matching.append((len(getattr(route, "param_convertors", {})), set(methods)))
+    fewest = min((params for params, _ in matching), default=0)
+    allowed = set().union(*(methods for params, methods in matching if params == fewest))
+    return ", ".join(sorted(allowed))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
@@ -54,16 +80,23 @@ def install(app: FastAPI) -> None:
         errors = list(exc.errors())
         if any(e.get("type") == "json_invalid" for e in errors):
             return problem_response(400, "Malformed JSON", "the request body is not valid JSON")
+        if isinstance(exc.body, bytes | bytearray) and exc.body:
+            # FastAPI hands the raw bytes on when the Content-Type is not JSON
+            return problem_response(415, "Unsupported media type", "send the body as JSON with "
+                                    f"'Content-Type: application/json' (got {request.headers.get('content-type')!r})")
         fields = [{"field": field_name(e.get("loc", ())), "message": e.get("msg", "invalid")} for e in errors]
         detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
         return problem_response(422, "Invalid request", detail, errors=fields)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        title = {404: "Not found", 405: "Method not allowed", 401: "Unauthorized",
+        title = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 401: "Unauthorized",
                  413: "Request body too large"}.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) else None
-        return problem_response(exc.status_code, title, detail, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return problem_response(exc.status_code, title, detail, headers=headers)
 
     @app.exception_handler(UnreadableRecord)
     async def _unreadable(request: Request, exc: UnreadableRecord) -> JSONResponse:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
@@ -62,14 +62,39 @@ async def _next_message(pubsub: object) -> None:
             return
 
 
-def _sse(body: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class EventStream(StreamingResponse):
+    """``text/event-stream``: as ``response_class`` it documents the routes' 200 as SSE in OpenAPI."""
+
+    media_type = "text/event-stream"
 
 
-@router.get("/v1/jobs/{job_id}/stream")
+def _sse(body: AsyncIterator[str]) -> EventStream:
+    return EventStream(body, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _documented(data: Mapping[str, object], example: str) -> dict[int | str, dict[str, object]]:
+    """The 200 of an SSE route: ``schema`` describes one event (OpenAPI 3.1 has no ``itemSchema``), its
+    ``data`` a JSON document."""
+    event = {"type": "object", "required": ["id", "event", "data"], "properties": {
+        "id": {"type": "string", "description": "the event's sequence number (send it back as Last-Event-ID)"},
+        "event": {"type": "string", "description": "the event's type"},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data}}}
+    return {200: {"description": "Server-Sent Events (`: keep-alive` comments every 15 s); the stream ends "
+                                 "after the last event",
+                  "content": {"text/event-stream": {"schema": event, "example": example}}}}
+
+
+_BATCH_EVENT: dict[str, object] = {"type": "object", "required": ["sequence", "event"], "properties": {
+    "sequence": {"type": "integer"}, "job_id": {"type": "string"},
+    "event": {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}}}
+
+
+@router.get("/v1/jobs/{job_id}/stream", response_class=EventStream, responses=_documented(
+    {"$ref": "#/components/schemas/JobEvent"},
+    'id: 1\nevent: job.created\ndata: {"sequence":1,"type":"job.created","status":"queued",...}\n\n'
+    'id: 4\nevent: job.succeeded\ndata: {"sequence":4,"type":"job.succeeded","status":"succeeded",...}\n\n'))
 async def job_stream(job_id: str, request: Request, rt: RuntimeDep, tenant: TenantDep,
-                     last_event_id: LastEventId = None) -> StreamingResponse:
+                     last_event_id: LastEventId = None) -> EventStream:
     await owned_job(rt, tenant, job_id)
 
     async def fetch(after: int) -> tuple[list[tuple[int, str, str]], bool]:
@@ -83,9 +108,11 @@ async def job_stream(job_id: str, request: Request, rt: RuntimeDep, tenant: Tena
     return _sse(_events(rt, request, rt.store.events_key(job_id), _last(last_event_id), fetch))
 
 
-@router.get("/v1/batches/{batch_id}/stream")
+@router.get("/v1/batches/{batch_id}/stream", response_class=EventStream, responses=_documented(
+    _BATCH_EVENT,
+    'id: 1\nevent: batch.progress\ndata: {"sequence":1,"event":{"type":"batch.progress",...}}\n\n'))
 async def batch_stream(batch_id: str, request: Request, rt: RuntimeDep, tenant: TenantDep,
-                       last_event_id: LastEventId = None) -> StreamingResponse:
+                       last_event_id: LastEventId = None) -> EventStream:
     if await rt.batches.owned(tenant, batch_id) is None:
         raise Problem(404, "Not found", f"no batch {batch_id!r}")
     key = rt.store.batch_key(batch_id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -14,6 +14,7 @@ from orchestrator.domain.webhooks import MAX_ENDPOINTS_PER_TENANT, Delivery, End
 from orchestrator.infra.destinations import url_problem
 from orchestrator.services.runtime import Runtime
 from orchestrator.wire.jobs import utcnow
+from orchestrator.wire.strict import IsoDatetime
 from orchestrator.wire.webhooks import (
     DeliveryPage,
     DeliveryStatus,
@@ -209,7 +210,7 @@ async def replay_delivery(endpoint_id: str, delivery_id: str, rt: RuntimeDep, te
 
 
 @router.post("/{endpoint_id}/recover", status_code=202, response_model=Recovery)
-async def recover(endpoint_id: str, rt: RuntimeDep, tenant: TenantDep, since: datetime) -> Recovery:
+async def recover(endpoint_id: str, rt: RuntimeDep, tenant: TenantDep, since: IsoDatetime) -> Recovery:
     """Resend every dead delivery created since ``since`` (ISO 8601), up to 1,000 per call (``more``
     says to call again)."""
     endpoint = await _owned(rt, tenant, endpoint_id)

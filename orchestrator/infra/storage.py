@@ -132,7 +132,9 @@ class LocalStorage(Storage):
         return hmac.new(self.secret, f"{key}:{expires}".encode(), hashlib.sha256).hexdigest()
 
     def verify(self, key: str, expires: int, signature: str) -> bool:
-        return expires >= time.time() and hmac.compare_digest(self.signature(key, expires), signature)
+        # compared as bytes: compare_digest refuses str with non-ASCII characters (a forged URL may carry them)
+        return expires >= time.time() and hmac.compare_digest(self.signature(key, expires).encode(),
+                                                               signature.encode("utf-8", "replace"))
 
     async def url(self, key: str, ttl_seconds: int) -> str:
         expires = int(time.time()) + ttl_seconds
