@@ -58,10 +58,15 @@ class Settings(BaseSettings):
     # Secret for signing dashboard session cookies and CSRF tokens; generated and kept in Redis when unset.
     dashboard_secret: SecretStr | None = None
     dashboard_session_seconds: int = Field(8 * 3600, gt=0)
+    # Tenants whose API keys are operators' (comma-separated): the dashboard shows them the deployment's
+    # operations (provider key pools, budgets, polls, overdue jobs, dead deliveries); nobody by default.
+    admin_tenants: str = ""
     output_url_ttl_seconds: int = 3600
     webhook_url_ttl_seconds: int = 7 * 24 * 3600
     max_output_bytes: int = 2 * 1024**3
     max_request_bytes: int = 1024 * 1024
+    # POST /v1/uploads: the largest file a tenant may upload as a job's media input.
+    max_upload_bytes: int = Field(50 * 1024 * 1024, gt=0)
     idempotency_ttl_seconds: int = 7 * 24 * 3600
     # A finished job's records (job, events, indexes, task mapping, deliveries) and stored outputs are
     # reaped this long after it finished; finished batches likewise. Per tenant: `atelier tenants retention`.
@@ -174,6 +179,11 @@ class Settings(BaseSettings):
     @property
     def retry_schedule(self) -> list[float]:
         return [float(x) for x in self.webhook_retry_schedule.split(",") if x.strip()]
+
+    @property
+    def admins(self) -> frozenset[str]:
+        """The tenants ``ATELIER_ADMIN_TENANTS`` names."""
+        return frozenset(t.strip() for t in self.admin_tenants.split(",") if t.strip())
 
     def secret_values(self) -> list[str]:
         """Every configured secret (provider keys, signing secrets): the logs mask them."""

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +23,6 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from pydantic import ValidationError
 
 from orchestrator.api import batches as batches_api
 from orchestrator.api import jobs as jobs_api
@@ -30,9 +30,10 @@ from orchestrator.api import streams
 from orchestrator.api import webhook_endpoints as endpoints_api
 from orchestrator.api.dashboard.session import COOKIE, Session, csrf_ok, current, sign_in
 from orchestrator.api.deps import RuntimeDep, owned_job
-from orchestrator.api.problems import Problem, field_name
+from orchestrator.api.problems import Problem
 from orchestrator.domain.job import Job
 from orchestrator.services.runtime import Runtime
+from orchestrator.store.job_scan import newest_matching
 from orchestrator.wire.jobs import JobKind, JobRequest, JobStatus, JobView
 from orchestrator.wire.webhooks import EndpointUpdate, RotateSecret
 
@@ -42,6 +43,9 @@ HERE = Path(__file__).parent
 STATIC = {p.name: p for p in (HERE / "static").iterdir() if p.is_file()}
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 LIST_LIMIT = 50
+LIST_SCAN = 5000  # a filtered list reads at most this many of the tenant's newest jobs (status: of that status)
+GRID_LIMIT = 200  # a batch's outputs shown
+PROVIDER_SCAN = 5000  # a batch's jobs read for its per-provider progress
 FOLLOWUP_SCAN = 200
 FEED_WAIT_SECONDS = 1.0
 
@@ -249,19 +253,8 @@ async def _jobs(rt: Runtime, tenant: str, f: Filters, limit: int = LIST_LIMIT) -
         in_batch = [j for j in await rt.store.get_many(ids) if j is not None and f.wants(j)]
         return sorted(in_batch, key=lambda j: j.id, reverse=True)[:limit]
     after, before = f.bounds()
-    if not (f.kind or f.model):
-        return (await rt.store.page(tenant, status=f.status, provider=f.provider, created_from=after,
-                                    created_to=before, limit=limit)).jobs
-    jobs: list[Job] = []
-    cursor = None
-    for _ in range(5):  # kind and model are matched here, over at most five pages of the index
-        page_ = await rt.store.page(tenant, status=f.status, provider=f.provider, created_from=after,
-                                    created_to=before, cursor=cursor, limit=200)
-        jobs += [j for j in page_.jobs if f.wants(j)]
-        cursor = page_.next_cursor
-        if len(jobs) >= limit or cursor is None:
-            break
-    return jobs[:limit]
+    return (await newest_matching(rt.store, tenant, status=f.status, provider=f.provider, kind=f.kind, model=f.model,
+                                  created_from=after, created_to=before, limit=limit, scan_limit=LIST_SCAN)).jobs
 
 
 @router.get("/jobs")
@@ -372,7 +365,7 @@ async def rerun_job(job_id: str, request: Request, rt: RuntimeDep) -> Response:
                        retry_unknown_submissions=job.retry_unknown_submissions, operation=job.operation,
                        source=job.source)
     token = fields.get("token", "")[:64] or secrets.token_urlsafe(12)
-    created = await jobs_api.submit_job(again, rt, session.tenant, Response(),
+    created = await jobs_api.create_job(again, rt, session.tenant, Response(),
                                         idempotency_key=f"dashboard-rerun:{job_id}:{token}")
     return RedirectResponse(f"/dashboard/jobs/{created.id}", status_code=303, headers=SECURITY_HEADERS)
 
@@ -392,10 +385,27 @@ async def batches_page(request: Request, rt: RuntimeDep) -> Response:
 async def batch_page(batch_id: str, request: Request, rt: RuntimeDep) -> Response:
     session = await _session(rt, request)
     batch = await batches_api.get_batch(batch_id, rt, session.tenant)
-    jobs = await batches_api.batch_jobs(batch_id, rt, session.tenant, None, None, 200)
+    jobs = await batches_api.batch_jobs(batch_id, rt, session.tenant, None, None, GRID_LIMIT)
+    providers = _by_provider(jobs.data)
+    cursor, scanned = jobs.next_cursor, len(jobs.data)
+    while cursor is not None and scanned < PROVIDER_SCAN:  # the per-provider counts read further than the grid
+        more = await batches_api.batch_jobs(batch_id, rt, session.tenant, None, cursor, 1000)
+        for provider, counts in _by_provider(more.data).items():
+            providers.setdefault(provider, Counter()).update(counts)
+        cursor, scanned = more.next_cursor, scanned + len(more.data)
     template = "_batch_main.html" if request.query_params.get("fragment") else "batch.html"
     return render(template, session=session, batch=batch, jobs=jobs.data, more=jobs.next_cursor is not None,
-                  nav="batches")
+                  providers=sorted(providers.items()), providers_partial=cursor is not None, nav="batches")
+
+
+def _by_provider(jobs: list[JobView]) -> dict[str, Counter[str]]:
+    """Per provider, its jobs per status (and ``done``: how many finished)."""
+    counts: dict[str, Counter[str]] = {}
+    for job in jobs:
+        c = counts.setdefault(job.provider, Counter())
+        c[job.status.value] += 1
+        c["done"] += job.status.terminal
+    return counts
 
 
 @router.get("/batches/{batch_id}/stream")
@@ -479,53 +489,3 @@ async def endpoint_recover(endpoint_id: str, request: Request, rt: RuntimeDep) -
     deliveries = await endpoints_api.list_deliveries(endpoint_id, rt, session.tenant, None, None, 50)
     return render("endpoint.html", session=session, endpoint=endpoint, deliveries=deliveries.data,
                   recovery=done, nav="webhooks")
-
-
-# -- playground --------------------------------------------------------------------------------------
-
-PLAYGROUND_FIELDS = ("provider", "kind", "model", "prompt", "negative_prompt", "image_url", "aspect_ratio",
-                     "resolution", "duration_seconds", "seed", "num_outputs", "options")
-
-
-def _playground(rt: Runtime, session: Session, values: dict[str, str], error: str | None = None,
-                status: int = 200) -> HTMLResponse:
-    return render("playground.html", status, session=session, values=values, error=error,
-                  providers=rt.registry.names(), token=secrets.token_urlsafe(12), nav="playground")
-
-
-@router.get("/playground")
-@page
-async def playground(request: Request, rt: RuntimeDep) -> Response:
-    session = await _session(rt, request)
-    values = {"provider": "replicate", "kind": "image", "model": "black-forest-labs/flux-schnell"}
-    return _playground(rt, session, values | {k: v for k, v in request.query_params.items()
-                                              if k in PLAYGROUND_FIELDS})
-
-
-@router.post("/playground")
-@page
-async def playground_submit(request: Request, rt: RuntimeDep) -> Response:
-    """Submit a job through ``POST /v1/jobs``; what the adapters refuse comes back on the form, naming
-    the field and, where the adapter says them, the allowed values."""
-    session = await _session(rt, request)
-    fields = await _form(request, session)
-    values = {k: fields.get(k, "").strip() for k in PLAYGROUND_FIELDS}
-    inputs: dict[str, Any] = {k: values[k] for k in ("prompt", "negative_prompt", "image_url", "aspect_ratio",
-                                                     "resolution", "duration_seconds", "seed", "num_outputs")
-                              if values[k]}
-    try:
-        if values["options"]:
-            inputs["options"] = json.loads(values["options"])
-        request_ = JobRequest.model_validate({"provider": values["provider"], "kind": values["kind"],
-                                              "model": values["model"], "input": inputs})
-        token = fields.get("token", "")[:64] or secrets.token_urlsafe(12)
-        created = await jobs_api.submit_job(request_, rt, session.tenant, Response(),
-                                            idempotency_key=f"dashboard-playground:{token}")
-    except json.JSONDecodeError as exc:
-        return _playground(rt, session, values, f"input.options: not JSON ({exc.msg})", 422)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        return _playground(rt, session, values, f"{field_name(err.get('loc', ()))}: {err.get('msg')}", 422)
-    except Problem as exc:
-        return _playground(rt, session, values, exc.detail or exc.title, exc.status)
-    return RedirectResponse(f"/dashboard/jobs/{created.id}", status_code=303, headers=SECURITY_HEADERS)

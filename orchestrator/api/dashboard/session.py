@@ -32,6 +32,7 @@ class Session:
     nonce: str
     expires: int
     csrf: str
+    admin: bool = False  # the tenant is one ATELIER_ADMIN_TENANTS names (the operations view)
 
 
 async def _secret(rt: Runtime, request: Request) -> bytes:
@@ -64,7 +65,7 @@ async def sign_in(rt: Runtime, request: Request, api_key: str) -> tuple[str, Ses
     payload = json.dumps({"t": tenant, "k": hash_key(api_key), "n": nonce, "e": expires},
                          separators=(",", ":")).encode()
     body = base64.urlsafe_b64encode(payload).decode().rstrip("=")
-    session = Session(tenant, hash_key(api_key), nonce, expires, _csrf(secret, nonce))
+    session = Session(tenant, hash_key(api_key), nonce, expires, _csrf(secret, nonce), tenant in rt.settings.admins)
     return f"{body}.{_sign(secret, body.encode())}", session
 
 
@@ -87,7 +88,7 @@ async def current(rt: Runtime, request: Request) -> Session | None:
     owner = await rt.redis.hget(keys.api_key(key_hash), "tenant")  # type: ignore[misc]
     if owner is None or (owner.decode() if isinstance(owner, bytes) else str(owner)) != tenant:
         return None  # the key was deleted or moved: the session ends with it
-    return Session(tenant, key_hash, nonce, expires, _csrf(secret, nonce))
+    return Session(tenant, key_hash, nonce, expires, _csrf(secret, nonce), tenant in rt.settings.admins)
 
 
 def csrf_ok(session: Session, token: str | None) -> bool:

@@ -64,6 +64,11 @@ function livePart(box) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  // A chooser form (the playground's model) takes effect as soon as a choice changes; its button stays
+  // for keyboard users who prefer it.
+  document.querySelectorAll("form[data-autosubmit] select").forEach((select) => {
+    select.addEventListener("change", () => select.form.submit());
+  });
   const table = document.querySelector("table[data-live]");
   if (table) liveList(table);
   ["job-main", "batch-main"].forEach((id) => {
