@@ -9,7 +9,7 @@ import json
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictBool, field_validator
 
@@ -123,6 +123,7 @@ class Fallback(BaseModel):
 
 
 MAX_FALLBACKS = 5
+ErrorCode = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,59}$")]
 
 
 class JobRequest(BaseModel):
@@ -155,8 +156,8 @@ class JobRequest(BaseModel):
     # key, model sunset, outage before acceptance), or the job failed with a code in ``fallback_on``.
     # Never after an ambiguous submission.
     fallbacks: list[Fallback] = Field(default_factory=list, max_length=MAX_FALLBACKS)
-    fallback_on: list[str] = Field(default_factory=list, max_length=10,
-                                   examples=[["content_policy", "provider_failed"]])
+    fallback_on: list[ErrorCode] = Field(default_factory=list, max_length=10,
+                                         examples=[["content_policy", "provider_failed"]])
     # A quote: validate and estimate, create nothing (``POST /v1/jobs`` answers 200 with a ``JobQuote``).
     dry_run: StrictBool = False
 
