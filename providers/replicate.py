@@ -63,6 +63,7 @@ _STATES = {
     "canceled": "canceled",
     "aborted": "canceled",
 }
+_FINISHED = frozenset(raw for raw, state in _STATES.items() if state in ("succeeded", "failed", "canceled"))
 
 # Common input names -> the names most Replicate models use.
 _FIELD_NAMES = {
@@ -156,7 +157,11 @@ class ReplicateProvider(Provider):
         task_id = prediction.get("id")
         if not isinstance(task_id, str) or not task_id:
             raise MalformedResponse("Replicate created a prediction without an id", detail=prediction)
-        return SubmitResult(task_id=task_id, status=str(prediction.get("status")))
+        raw = prediction.get("status")
+        # A prediction already finished when created (a fast model, a cached answer): its status is in this
+        # answer, so the worker applies it at once instead of scheduling a poll that would only read it again.
+        done = self.parse_prediction(prediction) if raw in _FINISHED else None
+        return SubmitResult(task_id=task_id, status=str(raw), done=done)
 
     async def fetch(self, ctx: CallContext, task: TaskRef) -> TaskStatus:
         url = f"{self.base_url}/v1/predictions/{task.task_id}"
