@@ -78,17 +78,6 @@ async def request_problems(rt: Runtime, tenant: str, request: JobRequest) -> lis
     return problems
 
 
-async def validate_request(rt: Runtime, tenant: str, request: JobRequest) -> None:
-    """Everything the provider would refuse, refused here with every field named (nothing is enqueued)."""
-    problems = await request_problems(rt, tenant, request)
-    if problems:
-        status = problems[0][0]
-        title = {404: "Not found", 409: "Conflict"}.get(status, "Invalid request")
-        detail = "; ".join(f"{field}: {message}" for _, field, message in problems)
-        raise Problem(status, title, detail,
-                      errors=[{"field": field, "message": message} for _, field, message in problems])
-
-
 @dataclass
 class Plan:
     """What an accepted request starts as: ``request`` (itself, or its first usable fallback when its

@@ -41,6 +41,7 @@ from orchestrator.api.facades.native import (
     cancel,
     choose_kind,
     log_lines,
+    native_field,
     native_input,
     owned,
     resolve,
@@ -59,7 +60,6 @@ NAMESPACES = ("workflows", "comfy")
 ALIASES = {"prompt": "prompt", "negative_prompt": "negative_prompt", "image_url": "image_url",
            "duration": "duration_seconds", "aspect_ratio": "aspect_ratio", "resolution": "resolution",
            "seed": "seed", "num_images": "num_outputs"}
-INVERSE = {common: name for name, common in ALIASES.items()}
 # The names the fal adapter maps back unchanged (it turns aspect_ratio/resolution into image_size and
 # duration into a string): only these become common inputs when the model is fal's own.
 FAL_EXACT = frozenset({"prompt", "negative_prompt", "image_url", "seed", "num_images"})
@@ -100,16 +100,7 @@ Route = shaped_route(render_error)
 
 def field_name(atelier: str) -> str:
     """The fal field an Atelier field comes from (``input.num_outputs`` -> ``body.num_images``)."""
-    if atelier in ("provider", "model", "kind", "operation", "source"):
-        return "path.app_id"
-    if atelier == "webhook_url":
-        return "query.fal_webhook"
-    if atelier.startswith("input.options."):
-        return "body." + atelier.removeprefix("input.options.")
-    if atelier.startswith("input."):
-        common = atelier.removeprefix("input.").split(".")[0]
-        return "body." + INVERSE.get(common, common)
-    return atelier
+    return native_field(atelier, ALIASES, name_field="path.app_id", webhook="query.fal_webhook", body="body")
 
 
 def app_path(app: str) -> str:

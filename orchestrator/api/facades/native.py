@@ -213,6 +213,23 @@ def native_input(given: Mapping[str, Any], aliases: Mapping[str, str], exact: fr
         raise FacadeError(422, f"{field}: {message}", [(field, message)], code="invalid_input") from exc
 
 
+def native_field(atelier: str, aliases: Mapping[str, str], *, name_field: str, webhook: str, body: str) -> str:
+    """The facade's name for an Atelier field a refusal names: ``name_field`` for the model's name,
+    ``webhook`` for ``webhook_url``, ``{body}.{native}`` for an input (its native alias where ``aliases``,
+    native -> common, has one; an option as it is)."""
+    if atelier in ("provider", "model", "kind", "operation", "source"):
+        return name_field
+    if atelier == "webhook_url":
+        return webhook
+    if atelier.startswith("input.options."):
+        return f"{body}." + atelier.removeprefix("input.options.")
+    if atelier.startswith("input."):
+        common = atelier.removeprefix("input.").split(".")[0]
+        native = {to: name for name, to in aliases.items()}  # (the last native name of a common one wins)
+        return f"{body}.{native.get(common, common)}"
+    return atelier
+
+
 def native_view(job_input: JobInput, aliases: Mapping[str, str]) -> dict[str, Any]:
     """A job's input under the facade's native names (the inverse of ``native_input``)."""
     inverse = {common: name for name, common in reversed(list(aliases.items()))}

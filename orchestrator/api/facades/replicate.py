@@ -43,6 +43,7 @@ from orchestrator.api.facades.native import (
     cancel,
     choose_kind,
     log_lines,
+    native_field,
     native_input,
     native_view,
     owned,
@@ -67,7 +68,6 @@ VERSION_ID = re.compile(r"^[0-9a-f]{64}$", re.IGNORECASE)
 ALIASES = {"prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image_url",
            "duration": "duration_seconds", "aspect_ratio": "aspect_ratio", "resolution": "resolution",
            "seed": "seed", "num_outputs": "num_outputs"}
-INVERSE = {common: name for name, common in ALIASES.items()}
 STATUSES: dict[JobStatus, str] = {
     JobStatus.queued: "starting", JobStatus.submitting: "starting", JobStatus.submitted: "starting",
     JobStatus.running: "processing", JobStatus.succeeded: "succeeded", JobStatus.failed: "failed",
@@ -112,16 +112,7 @@ class PredictionCreate(PredictionInput):
 
 def field_name(atelier: str, name_field: str) -> str:
     """The Replicate field an Atelier field comes from (``input.duration_seconds`` -> ``input.duration``)."""
-    if atelier in ("provider", "model", "kind", "operation", "source"):
-        return name_field
-    if atelier == "webhook_url":
-        return "webhook"
-    if atelier.startswith("input.options."):
-        return "input." + atelier.removeprefix("input.options.")
-    if atelier.startswith("input."):
-        common = atelier.removeprefix("input.").split(".")[0]
-        return "input." + INVERSE.get(common, common)
-    return atelier
+    return native_field(atelier, ALIASES, name_field=name_field, webhook="webhook", body="input")
 
 
 def model_of(name: str, name_field: str) -> tuple[str, str]:
