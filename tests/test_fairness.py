@@ -153,3 +153,55 @@ async def test_the_sweeper_queues_an_overdue_delivery_once(redis_url):
             assert await entries() == [f"wh:{delivery.id}:0"]
         finally:
             await rt.close()
+
+
+async def test_a_freed_place_goes_to_the_oldest_waiting_delivery_of_its_destination(redis_url):
+    # Two places at the destination (each attempt takes 30 ms: ~66 a second), 40 deliveries admitted
+    # at 100 a second: a line builds while newcomers keep coming. Each finished attempt hands its
+    # place to the oldest waiting one, so they arrive in the order they came (a newcomer cannot take
+    # a freed place first), never more than two at once, each once.
+    active = 0
+    most = 0
+    arrivals: list[str] = []
+
+    async def slow_receiver(scope, receive, send):  # a plain ASGI app: counts attempts under way
+        nonlocal active, most
+        if scope["type"] != "http":
+            return
+        active += 1
+        most = max(most, active)
+        try:
+            headers = dict(scope["headers"])
+            await asyncio.sleep(0.03)
+            arrivals.append(headers[b"webhook-id"].decode())
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            active -= 1
+
+    async with serving(slow_receiver) as hooks, \
+            dev_stack(redis_url=redis_url, webhook_endpoint_concurrency=2, log_format="text") as stack:
+        rt = await Runtime.open(stack.settings)
+        try:
+            admitted = []
+            waiting = 0
+            for i in range(40):
+                delivery = Delivery(id=new_id("msg"), tenant="line-test", url=f"{hooks}/hook",
+                                    event_type="job.succeeded", sequence=i, payload="{}")
+                assert await rt.store.create_delivery(delivery)
+                await rt.webhook_gates.admit([delivery], int(time.time() * 1000))
+                admitted.append(delivery.id)
+                waiting = max(waiting, int(await rt.redis.zcard("atl:whq:tenant:line-test:waiting")))
+                await asyncio.sleep(0.01)
+            deadline = time.monotonic() + 30
+            while len(arrivals) < 40 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            delivered = [await rt.store.get_delivery(d) for d in admitted]
+        finally:
+            await rt.close()
+    assert waiting >= 5, f"the line never built (at most {waiting} waiting)"
+    assert sorted(arrivals) == sorted(admitted), "every delivery arrives, once"
+    assert most <= 2, f"{most} attempts at once at a destination allowed two"
+    # two places work side by side: each arrives within a step of its place in the line
+    assert all(abs(arrivals.index(d) - i) <= 1 for i, d in enumerate(admitted)), arrivals
+    assert all(d is not None and d.status == "delivered" and len(d.attempts) == 1 for d in delivered)

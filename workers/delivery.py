@@ -112,7 +112,10 @@ DISPATCH_INTERVAL = 0.1
 async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | None = None) -> None:
     rt: Runtime = ctx["rt"]
     delivery = await rt.store.get_delivery(delivery_id)
-    if delivery is None or delivery.status != "pending":
+    if delivery is None:
+        return
+    if delivery.status != "pending":  # ended meanwhile: places handed to it while it waited go on
+        await _free(rt, delivery, ok=None)
         return
     if attempt is not None and attempt != len(delivery.attempts):
         return  # not this delivery's next attempt: a duplicate entry, or one already made (its own run frees)
@@ -122,13 +125,13 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | 
         endpoint = await endpoints.get(delivery.tenant, delivery.endpoint_id)
         if endpoint is None:  # deleted: its deliveries go with it
             await rt.store.drop_delivery(delivery)
-            await rt.webhook_gates.outcome(delivery, int(time.time() * 1000), ok=None)
+            await _free(rt, delivery, ok=None)
             return
         if not endpoint.enabled:
             delivery.status = "dead"
             delivery.note = f"not sent: the endpoint is disabled ({endpoint.disabled_reason or 'by the API'})"
             await rt.store.save_delivery(delivery)
-            await rt.webhook_gates.outcome(delivery, int(time.time() * 1000), ok=None)
+            await _free(rt, delivery, ok=None)
             return
         delivery.url = endpoint.url
         secrets = endpoint.signing_secrets()
@@ -145,11 +148,21 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | 
     try:
         out = await _attempt(ctx, rt, delivery, secrets)
     finally:  # free the places even when the attempt is cut short (else their leases end them)
-        opened = await rt.webhook_gates.outcome(delivery, int(time.time() * 1000), ok=out.ok)
+        opened = await _free(rt, delivery, ok=out.ok)
     if opened:
         log.info("webhook destination of %s failing: circuit open for %.1f s", redact_url(delivery.url),
                  (opened - time.time() * 1000) / 1000, extra=await _log_extra(rt, delivery, "webhook.circuit_open"))
     await _record(rt, delivery, endpoint, out, opened)
+
+
+async def _free(rt: Runtime, delivery: Delivery, ok: bool | None) -> int:
+    """End the delivery's hold on its places (``ok``: the attempt's outcome, ``None``: none was made) and
+    queue the waiting delivery they were handed to; returns when the destination's circuit is open
+    until (ms, 0: closed)."""
+    freed = await rt.webhook_gates.outcome(delivery, int(time.time() * 1000), ok=ok)
+    if freed.handed is not None:  # if this is lost, the sweeper queues it (its due time has passed)
+        await rt.queue.deliver(*freed.handed)
+    return freed.open_until
 
 
 async def _hold_back(rt: Runtime, delivery: Delivery, gate: Gate, now_ms: int) -> None:

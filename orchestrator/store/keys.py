@@ -97,8 +97,9 @@ DELIVERIES_PARKED = f"{P}whq:parked"
 
 def webhook_destination(destination: str, part: str) -> str:
     """A webhook destination's ``inflight`` deliveries (admitted or being attempted: zset of leases, ms),
-    ``circuit`` (hash: ``failures``, ``failing_since``, ``opens``, ``open_until``) or ``parked``
-    deliveries (woken when the circuit closes)."""
+    ``circuit`` (hash: ``failures``, ``failing_since``, ``opens``, ``open_until``), ``parked``
+    deliveries (woken when the circuit closes) or ``waiting`` line (zset of "{delivery id}:{attempt}"
+    by arrival: a finishing attempt hands its place to the oldest)."""
     return f"{P}whq:dest:{destination}:{part}"
 
 

@@ -7,7 +7,10 @@ destination and tenant have room it holds its places and goes to the arq queue; 
 in its tenant's line (woken by the tenant's next finished attempt) or, while its destination's
 circuit is open, in the parking lot until the cool-down ends. So the queue holds at most a tenant's
 cap of its deliveries at once, and thousands of deliveries to dead endpoints stand in front of
-nobody. ``dispatch`` (``take_parked``) queues parked and woken deliveries again.
+nobody. A delivery that cannot go waits in its destination's line and its tenant's line; a finishing
+attempt hands its place straight to the oldest in the destination's line (``Freed.handed``: the
+caller queues it), else wakes the oldest in the tenant's line, which ``dispatch`` (``take_parked``)
+queues again with the parked deliveries that are due.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ class Gate:
 
 
 @dataclass(frozen=True)
+class Freed:
+    """What an attempt's end did: the destination's circuit is open until ``open_until`` (ms, 0: closed);
+    ``handed``: the waiting delivery ``(id, attempt)`` that now holds the freed places, to be queued."""
+    open_until: int = 0
+    handed: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class CircuitRules:
     endpoint_concurrency: int = 8
     tenant_concurrency: int = 50
@@ -62,7 +73,7 @@ class WebhookGates:
         dest = destination(delivery)
         return [keys.webhook_destination(dest, "inflight"), keys.webhook_destination(dest, "circuit"),
                 keys.webhook_tenant(delivery.tenant, "inflight"), keys.webhook_attempt(delivery.id),
-                keys.webhook_tenant(delivery.tenant, "waiting")]
+                keys.webhook_tenant(delivery.tenant, "waiting"), keys.webhook_destination(dest, "waiting")]
 
     async def _pass(self, delivery: Delivery, mode: str, now_ms: int, lease_ms: int) -> Gate:
         r = self.rules
@@ -97,16 +108,23 @@ class WebhookGates:
         else:  # woken by the tenant's next finished attempt; if that wake is lost, the sweeper queues it
             await self.redis.zadd(keys.DELIVERIES_DUE, {delivery.id: now_ms + self.rules.lease_ms}, xx=True)
 
-    async def outcome(self, delivery: Delivery, now_ms: int, ok: bool | None) -> int:
-        """Free the delivery's places (waking the tenant's oldest waiting delivery) and count the attempt's
-        outcome (``None``: no attempt was made); returns when the circuit is open until (0: closed)."""
+    async def outcome(self, delivery: Delivery, now_ms: int, ok: bool | None) -> Freed:
+        """Free the delivery's places (handing them to the oldest delivery waiting for its destination, or
+        waking the tenant's oldest waiting delivery) and count the attempt's outcome (``None``: no
+        attempt was made)."""
         r = self.rules
         ttl = max(r.max_cooldown_ms * 4, 24 * 3600 * 1000)
         result = "skip" if ok is None else ("1" if ok else "0")
-        return int(await self._outcome(
+        open_until, handed = await self._outcome(
             keys=[*self._keys(delivery), keys.DELIVERIES_PARKED,
                   keys.webhook_destination(destination(delivery), "parked")],
-            args=[delivery.id, now_ms, result, r.failures_to_open, r.cooldown_ms, r.max_cooldown_ms, ttl]))
+            args=[delivery.id, now_ms, result, r.failures_to_open, r.cooldown_ms, r.max_cooldown_ms, ttl,
+                  r.queue_lease_ms])
+        member = handed.decode() if isinstance(handed, bytes) else str(handed)
+        if not member:
+            return Freed(int(open_until))
+        delivery_id, _, attempt = member.rpartition(":")
+        return Freed(int(open_until), (delivery_id, int(attempt)))
 
     async def park(self, delivery_id: str, attempt: int, until_ms: int, dest: str | None = None) -> None:
         """Hold the delivery back until ``until_ms`` (or until ``dest``, whose circuit is open, recovers);

@@ -5,10 +5,12 @@
 --   ARGV[2] = 'admit': a new delivery; on 'go' it holds its places while it waits in the queue.
 --   ARGV[2] = 'attempt': about to post; a delivery already holding its places goes on; another
 --     worker making this very attempt (the attempt marker) answers 'busy'.
--- 'full' puts the delivery ("{id}:{attempt}", ARGV[8]) in the tenant's waiting line: a finishing
--- attempt of the tenant wakes the oldest (webhook_outcome.lua), so nothing polls for a place.
+-- 'full' puts the delivery ("{id}:{attempt}", ARGV[8]) in its destination's and its tenant's waiting
+-- lines (keeping its place if already there): a finishing attempt hands its place to the
+-- destination's oldest, else wakes the tenant's oldest (webhook_outcome.lua), so nothing polls for
+-- a place.
 -- KEYS: 1 destination active zset, 2 destination circuit hash, 3 tenant active zset,
---       4 attempt marker, 5 tenant waiting zset
+--       4 attempt marker, 5 tenant waiting zset, 6 destination waiting zset
 -- ARGV: 1 delivery id, 2 mode, 3 now ms, 4 lease ms, 5 destination limit, 6 tenant limit,
 --       7 attempt marker ttl ms, 8 waiting member
 -- Returns {verdict, wait ms, failing since ms}: go | busy | open | full
@@ -27,6 +29,7 @@ if held and open_until <= now then
   redis.call('ZADD', KEYS[1], lease_end, ARGV[1])
   redis.call('ZADD', KEYS[3], lease_end, ARGV[1])
   redis.call('ZREM', KEYS[5], ARGV[8])
+  redis.call('ZREM', KEYS[6], ARGV[8])
   return {'go', 0, failing_since}
 end
 if held then  -- the circuit opened while it waited in the queue: it gives its places back
@@ -50,6 +53,8 @@ if verdict ~= 'go' then
   if verdict == 'full' then
     redis.call('ZADD', KEYS[5], 'NX', now, ARGV[8])
     redis.call('PEXPIRE', KEYS[5], 7 * 86400000)
+    redis.call('ZADD', KEYS[6], 'NX', now, ARGV[8])
+    redis.call('PEXPIRE', KEYS[6], 7 * 86400000)
     return {'full', 0, failing_since}
   end
   return {'open', open_until - now, failing_since}
@@ -59,4 +64,5 @@ redis.call('ZADD', KEYS[3], lease_end, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
 redis.call('ZREM', KEYS[5], ARGV[8])
+redis.call('ZREM', KEYS[6], ARGV[8])
 return {'go', 0, failing_since}

@@ -1,43 +1,69 @@
--- Record the outcome of delivery ARGV[1]'s attempt: free its places and its attempt marker, and wake
--- the tenant's oldest waiting delivery (moved to the parked lot, due now).
+-- Record the outcome of delivery ARGV[1]'s attempt: free its places and its attempt marker, and pass
+-- the place on. While the destination's circuit is closed, the place goes straight to the oldest
+-- delivery waiting in the destination's line (it holds the places from now, for ARGV[8] ms, and the
+-- caller queues it: no other delivery can take the place first, and no dispatcher round is waited
+-- for). Otherwise (nobody waits there, or the circuit is open) the tenant's oldest waiting delivery
+-- is woken (moved to the parked lot, due now) to try again.
 -- A success closes the circuit and wakes the destination's parked deliveries (due now). A failure
 -- counts; ARGV[4] failures in a row open the circuit for a cool-down of ARGV[5] ms, doubled each
 -- time it opens again (a failed probe), at most ARGV[6] ms. Attempts already under way when it
 -- opened count as failures but do not extend it.
 -- KEYS: 1 destination active zset, 2 destination circuit hash, 3 tenant active zset,
---       4 attempt marker, 5 tenant waiting zset, 6 parked lot, 7 destination parked zset
+--       4 attempt marker, 5 tenant waiting zset, 6 destination waiting zset, 7 parked lot,
+--       8 destination parked zset
 -- ARGV: 1 delivery id, 2 now ms, 3 ok (1|0; 'skip': no attempt was made), 4 failures to open,
---       5 cool-down ms, 6 longest cool-down ms, 7 circuit record ttl ms
--- Returns the time (ms) the circuit is open until, 0 when closed.
-redis.call('ZREM', KEYS[1], ARGV[1])
+--       5 cool-down ms, 6 longest cool-down ms, 7 circuit record ttl ms, 8 queue lease ms
+-- Returns {the time (ms) the circuit is open until (0: closed), the "{id}:{attempt}" handed the
+-- place ('' if none)}.
+local now = tonumber(ARGV[2])
+local freed = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('DEL', KEYS[4])
-local woken = redis.call('ZPOPMIN', KEYS[5])
-if woken[1] then redis.call('ZADD', KEYS[6], ARGV[2], woken[1]) end
-if ARGV[3] == 'skip' then return 0 end
+local open_until = 0
 if ARGV[3] == '1' then
   if redis.call('EXISTS', KEYS[2]) == 1 then
     redis.call('DEL', KEYS[2])
-    local parked = redis.call('ZRANGE', KEYS[7], 0, 999)
+    local parked = redis.call('ZRANGE', KEYS[8], 0, 999)
     for _, member in ipairs(parked) do
-      redis.call('ZADD', KEYS[6], 'XX', ARGV[2], member)
+      redis.call('ZADD', KEYS[7], 'XX', ARGV[2], member)
     end
-    if #parked > 0 then redis.call('ZREM', KEYS[7], unpack(parked)) end
+    if #parked > 0 then redis.call('ZREM', KEYS[8], unpack(parked)) end
   end
-  return 0
-end
-local now = tonumber(ARGV[2])
-local failures = redis.call('HINCRBY', KEYS[2], 'failures', 1)
-redis.call('HSETNX', KEYS[2], 'failing_since', ARGV[2])
-local open_until = tonumber(redis.call('HGET', KEYS[2], 'open_until') or '0')
-if open_until > now then return open_until end  -- already open: a straggler does not extend it
-if failures >= tonumber(ARGV[4]) then
-  local opens = redis.call('HINCRBY', KEYS[2], 'opens', 1)
-  local cooldown = math.min(tonumber(ARGV[5]) * 2 ^ math.min(opens - 1, 30), tonumber(ARGV[6]))
-  open_until = now + math.floor(cooldown)
-  redis.call('HSET', KEYS[2], 'open_until', open_until)
+elseif ARGV[3] == '0' then
+  local failures = redis.call('HINCRBY', KEYS[2], 'failures', 1)
+  redis.call('HSETNX', KEYS[2], 'failing_since', ARGV[2])
+  open_until = tonumber(redis.call('HGET', KEYS[2], 'open_until') or '0')
+  if open_until <= now then  -- already open: a straggler does not extend it
+    if failures >= tonumber(ARGV[4]) then
+      local opens = redis.call('HINCRBY', KEYS[2], 'opens', 1)
+      local cooldown = math.min(tonumber(ARGV[5]) * 2 ^ math.min(opens - 1, 30), tonumber(ARGV[6]))
+      open_until = now + math.floor(cooldown)
+      redis.call('HSET', KEYS[2], 'open_until', open_until)
+    else
+      open_until = 0
+    end
+    redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  end
 else
-  open_until = 0
+  open_until = tonumber(redis.call('HGET', KEYS[2], 'open_until') or '0')
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[7])
-return open_until
+local handed = ''
+if freed == 1 and open_until <= now then
+  local next_in_line = redis.call('ZPOPMIN', KEYS[6])
+  if next_in_line[1] then
+    handed = next_in_line[1]
+    local id = string.match(handed, '^(.*):%d+$')
+    local lease_end = now + tonumber(ARGV[8])
+    redis.call('ZADD', KEYS[1], lease_end, id)
+    redis.call('ZADD', KEYS[3], lease_end, id)
+    redis.call('PEXPIRE', KEYS[1], ARGV[8])
+    redis.call('PEXPIRE', KEYS[3], ARGV[8])
+    redis.call('ZREM', KEYS[5], handed)
+  end
+end
+if handed == '' then
+  local woken = redis.call('ZPOPMIN', KEYS[5])
+  if woken[1] then redis.call('ZADD', KEYS[7], ARGV[2], woken[1]) end
+end
+if open_until <= now then open_until = 0 end
+return {open_until, handed}
