@@ -240,7 +240,9 @@ def key_spend(digest: str, period: str) -> str:
 def tenant_usage(tenant: str, day: str) -> str:
     """Hash: the tenant's usage figures of jobs accepted on ``day`` (``2026-12-03``), per group:
     ``{group}|n`` accepted, ``|est`` estimated micro-USD, ``|done`` finished, ``|ok`` succeeded,
-    ``|fin`` final micro-USD; groups ``all``, ``p:{provider}``, ``m:{provider}/{model}``, ``b:{batch}``."""
+    ``|fin`` final micro-USD; groups ``m:{provider}/{model}`` and ``b:{batch}`` (the totals and the
+    providers' figures are their models' sums; versions before December 2026 also wrote ``all`` and
+    ``p:{provider}``, which reading leaves out)."""
     return f"{P}usage:{tenant}:{day}"
 
 

@@ -61,8 +61,22 @@ def today() -> str:
 
 
 def dims(provider: str, model: str, batch_id: str | None) -> list[str]:
-    """The usage groups a job counts in."""
-    return ["all", f"p:{provider}", f"m:{provider}/{model}"] + ([f"b:{batch_id}"] if batch_id else [])
+    """The usage groups a job counts in: its model, and its batch. The tenant's totals and each
+    provider's are the sums of its models' figures (``Ledger.usage``), not counted again."""
+    return [f"m:{provider}/{model}"] + ([f"b:{batch_id}"] if batch_id else [])
+
+
+def _derived(groups: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The ``all`` and ``p:{provider}`` groups, summed from the ``m:{provider}/{model}`` groups (figures
+    written by earlier versions under ``all`` and ``p:`` are left out: they repeat the models')."""
+    out = {name: figures for name, figures in groups.items() if name.startswith(("m:", "b:"))}
+    for name, figures in groups.items():
+        if name.startswith("m:"):
+            for total in ("all", "p:" + name[2:].split("/", 1)[0]):
+                into = out.setdefault(total, {})
+                for figure, value in figures.items():
+                    into[figure] = into.get(figure, 0) + value
+    return out
 
 
 def _spend_keys(tenant: str, day: str, api_key: str | None = None) -> list[tuple[str, str, str, str]]:
@@ -225,5 +239,5 @@ class Ledger:
                 group, _, figure = name.rpartition("|")
                 groups.setdefault(group, {})[figure] = int(v)
             if groups:
-                out[day] = groups
+                out[day] = _derived(groups)
         return out

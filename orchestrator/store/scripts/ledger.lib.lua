@@ -4,6 +4,8 @@
 --   check  = {amount = <micro-USD>, limits = {{<label>, <settings hash>, <field>, <spend hash>}, ...}}
 --            refused when a limit set in a settings hash would be passed: {label, limit - committed}
 --   incr   = {{<hash>, <field>, <delta>}, ...}; expire = {{<key>, <seconds>}, ...}
+-- A hash's time to live is set when it is created (an increment that answers its own delta is the
+-- first write of its field), not on every write: the figures are kept from their first day.
 local function ledger_refusal(spec)
   local c = spec['check']
   if c == nil or tonumber(c['amount']) <= 0 then return nil end
@@ -20,11 +22,12 @@ local function ledger_refusal(spec)
 end
 
 local function ledger_apply(spec)
+  local fresh = {}
   for _, op in ipairs(spec['incr'] or {}) do
-    redis.call('HINCRBY', op[1], op[2], string.format('%d', op[3]))
+    local delta = string.format('%d', op[3])
+    if redis.call('HINCRBY', op[1], op[2], delta) == tonumber(delta) then fresh[op[1]] = true end
   end
   for _, e in ipairs(spec['expire'] or {}) do
-    redis.call('EXPIRE', e[1], e[2])
+    if fresh[e[1]] then redis.call('EXPIRE', e[1], e[2]) end
   end
 end
-
