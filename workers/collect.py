@@ -24,13 +24,15 @@ from orchestrator.infra.storage import OutputTooLarge, spool
 from orchestrator.services.runtime import Runtime
 from orchestrator.store import keypool
 from orchestrator.store.jobs import Conflict
-from orchestrator.wire.jobs import JobStatus
+from orchestrator.wire.jobs import JobKind, JobStatus
 from providers.contract import CallContext, Provider, ProviderOutput
 from workers.context import call_context, fail_current, load_job, log, log_extra, runtime_of
 
 S = JobStatus
 MAX_COLLECT_ATTEMPTS = 5
 MAX_REDIRECTS = 5
+FINISH_TRIES = 3
+INLINE_COLLECT_SECONDS = 20.0  # an inline collection (images) longer than this goes on in the collect step
 INLINE_IDENTIFY_BYTES = 1024 * 1024
 DOWNLOAD_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
@@ -76,13 +78,31 @@ async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
     if provider is None:
         await rt.jobs.fail(job, "provider_not_configured", f"provider {job.provider} is not configured")
         return
+    await collect(rt, provider, job)
+
+
+def collect_inline(job: Job) -> bool:
+    """Whether the step that saw the job's outputs stores them itself: images (small, quick), which then
+    skip a queue round and an arq job; videos and audio take the collect step of their own."""
+    return job.kind == JobKind.image
+
+
+async def collect(rt: Runtime, provider: Provider, job: Job, *, inline: bool = False) -> None:
+    """Store the outputs of a job in ``collecting`` and mark it succeeded; a transient failure retries
+    later through the queue. ``inline``: run by the step that saw the outputs (a poll, or the submit
+    step), bounded by ``INLINE_COLLECT_SECONDS``, past which the collect step takes over."""
     outputs: list[Output] = []
+    n = max(job.collects, 1)
     try:
         call = call_context(rt, provider, job)
-        async with _keep_active(rt, job.id):
+        async with _keep_active(rt, job.id, fresh=inline), asyncio.timeout(INLINE_COLLECT_SECONDS if inline else None):
             outputs = await store_outputs(rt, provider, call, job, job.provider_outputs)
+    except TimeoutError:
+        if not inline:
+            raise
+        await rt.queue.collect(job.id, n)  # slower than an image should be: the collect step goes on
+        return
     except OutputUnavailable as exc:
-        n = max(job.collects, 1)
         if exc.transient and n < MAX_COLLECT_ATTEMPTS:
             delay = 2.0 ** n
             try:
@@ -100,11 +120,20 @@ async def collect_outputs(ctx: dict[str, Any], job_id: str) -> None:
     if not outputs:
         await fail_current(rt, job, "provider_no_output", "the provider reported success without outputs")
         return
-    try:
-        await rt.jobs.transition(job, S.succeeded, outputs=outputs, note=None)
-    except Conflict:
-        log.info("job changed during collection (canceled?); outputs kept in storage",
-                 extra=log_extra(job, "collect.superseded"))
+    for _ in range(FINISH_TRIES):
+        try:
+            await rt.jobs.transition(job, S.succeeded, outputs=outputs, note=None)
+            return
+        except Conflict:
+            # Changed meanwhile: canceled or timed out (it stays so), or a field written beside the
+            # collection (a late callback's poll number): then it is still this collection's to finish.
+            fresh = await load_job(rt, job.id)
+            if fresh is None or fresh.status != S.running or fresh.phase != "collecting" \
+                    or fresh.collects != job.collects:
+                break
+            job = fresh
+    log.info("job changed during collection (canceled?); outputs kept in storage",
+             extra=log_extra(job, "collect.superseded"))
 
 
 async def store_outputs(rt: Runtime, provider: Provider, call: CallContext, job: Job,
@@ -114,7 +143,7 @@ async def store_outputs(rt: Runtime, provider: Provider, call: CallContext, job:
 
 
 @contextlib.asynccontextmanager
-async def _keep_active(rt: Runtime, job_id: str) -> AsyncIterator[None]:
+async def _keep_active(rt: Runtime, job_id: str, fresh: bool = False) -> AsyncIterator[None]:
     """While outputs download, keep pushing the sweeper's deadline for the job forward.
 
     A collection can take minutes (large videos), but one whose worker was killed must be
@@ -125,6 +154,8 @@ async def _keep_active(rt: Runtime, job_id: str) -> AsyncIterator[None]:
     interval = max(0.5, grace / 3)
 
     async def beat() -> None:
+        if fresh:  # the step that began the collection has just set it
+            await asyncio.sleep(interval)
         while True:
             with contextlib.suppress(Exception):  # a missed beat only risks a duplicate collection
                 await rt.store.touch_active(job_id, time.time() + grace)

@@ -21,7 +21,7 @@ from providers import catalog
 from providers.contract import Provider, TaskStatus
 from providers.errors import AuthFailed, InsufficientBalance, MalformedResponse, ProviderError, RateLimited
 from workers.actions import ON_POLL, Action, action_for
-from workers.collect import OutputUnavailable, store_outputs
+from workers.collect import OutputUnavailable, collect, collect_inline, store_outputs
 from workers.context import call_context, fail_current, load_job, log, log_extra, runtime_of, through_redis_outage
 from workers.keys import take_key_out
 
@@ -180,16 +180,20 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
                 common = {}
             await _next_poll(rt, provider, job, status.poll_after, **common)
         elif status.state == "succeeded":
-            if job.status == S.submitted:
-                job = await rt.jobs.transition(job, S.running, **common)
-                common = {}
             n = job.collects + 1
-            job = await rt.jobs.change(
-                job, phase="collecting", provider_outputs=status.outputs, collects=n,
-                # collect_outputs keeps this deadline fresh while it runs (workers/collect.py), so a
-                # collection lost with its worker is re-scheduled after the grace, not minutes later.
-                active_at=time.time() + rt.settings.sweep_grace_seconds, **common)
-            await rt.queue.collect(job.id, n)
+            # One write: running (if it was not yet) and collecting. collect keeps this deadline fresh
+            # while it runs (workers/collect.py), so a collection lost with its worker is re-scheduled
+            # after the grace, not minutes later.
+            collecting = dict(common, phase="collecting", provider_outputs=status.outputs, collects=n)
+            active_at = time.time() + rt.settings.sweep_grace_seconds
+            if job.status == S.submitted:
+                job = await rt.jobs.transition(job, S.running, active_at=active_at, **collecting)
+            else:
+                job = await rt.jobs.change(job, active_at=active_at, **collecting)
+            if collect_inline(job):
+                await _collect_here(rt, provider, job)
+            else:
+                await rt.queue.collect(job.id, n)
         elif status.state == "failed":
             await rt.jobs.fail(job, status.error_code or "provider_failed",
                                status.error_message or "the provider reported the task failed",
@@ -201,6 +205,17 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
     except Conflict:
         log.info("job changed while applying a status; the newer state stands",
                  extra=log_extra(job, "status.superseded"))
+
+
+async def _collect_here(rt: Runtime, provider: Provider, job: Job) -> None:
+    """Store the outputs in this step (images: skips a queue round and an arq job); anything unforeseen
+    hands the job to the collect step, which arq retries, instead of leaving it in ``collecting``."""
+    try:
+        await collect(rt, provider, job, inline=True)
+    except Exception:
+        log.exception("collecting outputs in the poll failed; the collect step takes over",
+                      extra=log_extra(job, "collect.inline_failed"))
+        await rt.queue.collect(job.id, job.collects)
 
 
 def reported_cost(provider: Provider, job: Job, status: TaskStatus) -> JobCost | None:

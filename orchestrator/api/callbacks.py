@@ -97,6 +97,9 @@ async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> 
             fresh = await rt.store.get(job.id)
             if fresh is None or fresh.status in TERMINAL:
                 return _ack("ignored: job already finished")
+            if fresh.status not in (JobStatus.submitted, JobStatus.running) or fresh.phase == "collecting":
+                # (a poll saw the outputs meanwhile: a write now would only cost the collection a retry)
+                return _ack("ignored: nothing to fetch yet")
             job = fresh
     now = time.time()
     await rt.polls.put(job.provider, job.key_id, job.id, job.poll_seq, now, woken_rank(now))

@@ -208,6 +208,8 @@ class Jobs:
         new = derive(job, {**changes, "status": status})
         if status != job.status:
             new.timestamps = {**job.timestamps, status.value: now}
+        if new.phase == "collecting" and job.phase != "collecting":
+            new.outputs_ready_at = time.time()
         expires_at = None
         if status in TERMINAL:
             active_at = REMOVE
