@@ -69,8 +69,15 @@ async def submit(client: httpx.AsyncClient, prompt: str = "a corgi surfing", **k
     return dict(resp.json())
 
 
-async def test_unified_submit_poll_and_download(gw: Any) -> None:
-    sim, client = gw
+async def test_unified_submit_poll_and_download() -> None:
+    # Ticks of a second: the read just after the submit comes before the first one even on a loaded
+    # machine (with the fixture's 0.1 s, four test processes on two cores saw SUBMITTED there).
+    sim = make_sim(gateway_tick_seconds=1.0)
+    async with serving(sim.app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10) as client:
+        await _unified_submit_poll_and_download(client)
+
+
+async def _unified_submit_poll_and_download(client: httpx.AsyncClient) -> None:
     created = await submit(client, duration=5)
     task_id = created["id"]
     assert re.fullmatch(r"task_[A-Za-z0-9]{32}", task_id) and created["task_id"] == task_id
