@@ -17,11 +17,13 @@
   (at most ``ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY``) and at its tenant (at most
   ``ATELIER_WEBHOOK_TENANT_CONCURRENCY``) from its admission to the queue until its attempt ends; a
   destination's circuit opens after ``ATELIER_WEBHOOK_CIRCUIT_FAILURES`` failures in a row (after the
-  cool-down, one probe at a time). A delivery with no room waits in its tenant's line (the tenant's
-  next finished attempt wakes the oldest) or, while the circuit is open, in the parking lot; either
-  way outside the queue and not counted as an attempt, so one tenant's dead endpoints hold at most
-  its cap of workers and stand in front of nobody. A delivery whose destination has failed for
-  longer than the disable period ends ``dead`` without another attempt.
+  cool-down, one probe at a time). A delivery with no room waits in its destination's and its
+  tenant's lines (a finished attempt hands its place to the destination's oldest, which the same run
+  then attempts, for up to ``CHAIN_SECONDS``, without a queue round; else it wakes the tenant's
+  oldest) or, while the circuit is open, in the parking lot; either way outside the queue and not
+  counted as an attempt, so one tenant's dead endpoints hold at most its cap of workers and stand in
+  front of nobody. A delivery whose destination has failed for longer than the disable period ends
+  ``dead`` without another attempt.
 - Each attempt is queued once: the arq id carries the attempt number and a run whose number is not
   the delivery's next attempt does nothing (a duplicate queued by the sweeper, or a late retry).
 """
@@ -45,7 +47,7 @@ from orchestrator.infra.destinations import DestinationRefused
 from orchestrator.infra.logs import redact_url
 from orchestrator.services.runtime import Runtime
 from orchestrator.store.tenants import webhook_secret
-from orchestrator.store.webhook_gates import Gate
+from orchestrator.store.webhook_gates import Freed, Gate
 from orchestrator.wire.jobs import utcnow
 from orchestrator.wire.signing import sign
 from orchestrator.wire.webhooks import Attempt
@@ -107,32 +109,48 @@ async def post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[s
 
 
 DISPATCH_INTERVAL = 0.1
+# How long one run goes on attempting the deliveries its attempts handed their places to (well inside
+# the function's arq timeout, 60 s, with one more attempt of ATELIER_WEBHOOK_TIMEOUT_SECONDS).
+CHAIN_SECONDS = 5.0
 
 
 async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | None = None) -> None:
+    """Attempt the delivery; then, for up to ``CHAIN_SECONDS``, the deliveries its finished attempts
+    handed their places to (same destination, places already held: no queue round); past that, the
+    next one is queued."""
     rt: Runtime = ctx["rt"]
+    started = time.monotonic()
+    handed = await _deliver(ctx, rt, delivery_id, attempt)
+    while handed is not None:
+        if time.monotonic() - started >= CHAIN_SECONDS:
+            await rt.queue.deliver(*handed)  # if this is lost, the sweeper queues it (its due time has passed)
+            return
+        handed = await _deliver(ctx, rt, *handed)
+
+
+async def _deliver(ctx: dict[str, Any], rt: Runtime, delivery_id: str,
+                   attempt: int | None) -> tuple[str, int] | None:
+    """One attempt (or nothing, when it is not due or not this run's); returns the waiting delivery
+    that its freed places went to, for the caller to attempt or queue."""
     delivery = await rt.store.get_delivery(delivery_id)
     if delivery is None:
-        return
+        return None
     if delivery.status != "pending":  # ended meanwhile: places handed to it while it waited go on
-        await _free(rt, delivery, ok=None)
-        return
+        return (await _free(rt, delivery, ok=None)).handed
     if attempt is not None and attempt != len(delivery.attempts):
-        return  # not this delivery's next attempt: a duplicate entry, or one already made (its own run frees)
+        return None  # not this delivery's next attempt: a duplicate entry, or one already made (its own run frees)
     endpoints = rt.endpoints
     endpoint = None
     if delivery.endpoint_id:
         endpoint = await endpoints.get(delivery.tenant, delivery.endpoint_id)
         if endpoint is None:  # deleted: its deliveries go with it
             await rt.store.drop_delivery(delivery)
-            await _free(rt, delivery, ok=None)
-            return
+            return (await _free(rt, delivery, ok=None)).handed
         if not endpoint.enabled:
             delivery.status = "dead"
             delivery.note = f"not sent: the endpoint is disabled ({endpoint.disabled_reason or 'by the API'})"
             await rt.store.save_delivery(delivery)
-            await _free(rt, delivery, ok=None)
-            return
+            return (await _free(rt, delivery, ok=None)).handed
         delivery.url = endpoint.url
         secrets = endpoint.signing_secrets()
     else:
@@ -140,29 +158,35 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | 
     now_ms = int(time.time() * 1000)
     gate = await rt.webhook_gates.acquire(delivery, now_ms)
     if gate.verdict == "busy":
-        return  # another worker is making this very attempt
+        return None  # another worker is making this very attempt
     if gate.verdict != "go":
         await _hold_back(rt, delivery, gate, now_ms)
-        return
-    out = Outcome(error="the attempt was interrupted")
+        return None
     try:
         out = await _attempt(ctx, rt, delivery, secrets)
-    finally:  # free the places even when the attempt is cut short (else their leases end them)
-        opened = await _free(rt, delivery, ok=out.ok)
-    if opened:
+    except BaseException:  # cut short (the worker stopping): free the places (else their leases end them)
+        freed = await _free(rt, delivery, ok=False)
+        if freed.handed is not None:
+            await rt.queue.deliver(*freed.handed)
+        raise
+    freed = await _free(rt, delivery, ok=out.ok)
+    if freed.open_until:
         log.info("webhook destination of %s failing: circuit open for %.1f s", redact_url(delivery.url),
-                 (opened - time.time() * 1000) / 1000, extra=await _log_extra(rt, delivery, "webhook.circuit_open"))
-    await _record(rt, delivery, endpoint, out, opened)
+                 (freed.open_until - time.time() * 1000) / 1000,
+                 extra=await _log_extra(rt, delivery, "webhook.circuit_open"))
+    try:
+        await _record(rt, delivery, endpoint, out, freed.open_until)
+    except BaseException:
+        if freed.handed is not None:
+            await rt.queue.deliver(*freed.handed)
+        raise
+    return freed.handed
 
 
-async def _free(rt: Runtime, delivery: Delivery, ok: bool | None) -> int:
-    """End the delivery's hold on its places (``ok``: the attempt's outcome, ``None``: none was made) and
-    queue the waiting delivery they were handed to; returns when the destination's circuit is open
-    until (ms, 0: closed)."""
-    freed = await rt.webhook_gates.outcome(delivery, int(time.time() * 1000), ok=ok)
-    if freed.handed is not None:  # if this is lost, the sweeper queues it (its due time has passed)
-        await rt.queue.deliver(*freed.handed)
-    return freed.open_until
+async def _free(rt: Runtime, delivery: Delivery, ok: bool | None) -> Freed:
+    """End the delivery's hold on its places (``ok``: the attempt's outcome, ``None``: none was made);
+    ``Freed.handed`` is the waiting delivery that holds them now, for the caller to attempt or queue."""
+    return await rt.webhook_gates.outcome(delivery, int(time.time() * 1000), ok=ok)
 
 
 async def _hold_back(rt: Runtime, delivery: Delivery, gate: Gate, now_ms: int) -> None:

@@ -42,8 +42,10 @@ async def tenant_for_key(redis: Redis, api_key: str) -> str | None:
 async def webhook_secret(redis: Redis, tenant: str) -> str:
     """The tenant's signing secret, created on first use."""
     key = keys.tenant_webhook_secret(tenant)
-    await redis.set(key, new_secret(), nx=True)
-    secret = await redis.get(key)
+    pipe = redis.pipeline(transaction=False)  # one round trip: read for every webhook sent
+    pipe.set(key, new_secret(), nx=True)
+    pipe.get(key)
+    _, secret = await pipe.execute()
     assert secret is not None
     return secret.decode() if isinstance(secret, bytes) else str(secret)
 
