@@ -9,8 +9,8 @@ circuit is open, in the parking lot until the cool-down ends. So the queue holds
 cap of its deliveries at once, and thousands of deliveries to dead endpoints stand in front of
 nobody. A delivery that cannot go waits in its destination's line and its tenant's line; a finishing
 attempt hands its place straight to the oldest in the destination's line (``Freed.handed``: the
-caller queues it), else wakes the oldest in the tenant's line, which ``dispatch`` (``take_parked``)
-queues again with the parked deliveries that are due.
+caller attempts or queues it), else wakes the oldest in the tenant's line, which ``dispatch``
+(``take_parked``) queues again with the parked deliveries that are due.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class Gate:
 @dataclass(frozen=True)
 class Freed:
     """What an attempt's end did: the destination's circuit is open until ``open_until`` (ms, 0: closed);
-    ``handed``: the waiting delivery ``(id, attempt)`` that now holds the freed places, to be queued."""
+    ``handed``: the waiting delivery ``(id, attempt)`` that now holds the freed places, to be attempted
+    or queued by the caller."""
     open_until: int = 0
     handed: tuple[str, int] | None = None
 
