@@ -13,7 +13,7 @@ from arq.constants import job_key_prefix
 
 from orchestrator.cli.devstack import dev_stack
 from orchestrator.domain.ids import new_id
-from orchestrator.domain.webhooks import Delivery
+from orchestrator.domain.webhooks import Delivery, destination
 from orchestrator.services.runtime import Runtime
 from orchestrator.store.tenants import create_api_key
 from orchestrator.wire.jobs import utcnow
@@ -156,10 +156,10 @@ async def test_the_sweeper_queues_an_overdue_delivery_once(redis_url):
 
 
 async def test_a_freed_place_goes_to_the_oldest_waiting_delivery_of_its_destination(redis_url):
-    # Two places at the destination (each attempt takes 30 ms: ~66 a second), 40 deliveries admitted
-    # at 100 a second: a line builds while newcomers keep coming. Each finished attempt hands its
-    # place to the oldest waiting one, so they arrive in the order they came (a newcomer cannot take
-    # a freed place first), never more than two at once, each once.
+    # Two places at the destination (each attempt takes 30 ms), 20 deliveries admitted at once (a line
+    # builds, whatever the machine's load), then 20 newcomers while it drains. Each finished attempt
+    # hands its place to the oldest waiting one, so they arrive in the order they came (a newcomer
+    # cannot take a freed place first), never more than two at once, each once.
     active = 0
     most = 0
     arrivals: list[str] = []
@@ -185,14 +185,17 @@ async def test_a_freed_place_goes_to_the_oldest_waiting_delivery_of_its_destinat
         try:
             admitted = []
             waiting = 0
+            dest = destination(Delivery(id="x", tenant="line-test", url=f"{hooks}/hook", event_type="e",
+                                        sequence=0, payload="{}"))
             for i in range(40):
                 delivery = Delivery(id=new_id("msg"), tenant="line-test", url=f"{hooks}/hook",
                                     event_type="job.succeeded", sequence=i, payload="{}")
                 assert await rt.store.create_delivery(delivery)
                 await rt.webhook_gates.admit([delivery], int(time.time() * 1000))
                 admitted.append(delivery.id)
-                waiting = max(waiting, int(await rt.redis.zcard("atl:whq:tenant:line-test:waiting")))
-                await asyncio.sleep(0.01)
+                if i >= 19:  # the burst is in: newcomers from now on
+                    waiting = max(waiting, int(await rt.redis.zcard("atl:whq:dest:" + dest + ":waiting")))
+                    await asyncio.sleep(0.01)
             deadline = time.monotonic() + 30
             while len(arrivals) < 40 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
