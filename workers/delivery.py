@@ -162,21 +162,18 @@ async def _deliver(ctx: dict[str, Any], rt: Runtime, delivery_id: str,
     if gate.verdict != "go":
         await _hold_back(rt, delivery, gate, now_ms)
         return None
+    freed: Freed | None = None
     try:
         out = await _attempt(ctx, rt, delivery, secrets)
-    except BaseException:  # cut short (the worker stopping): free the places (else their leases end them)
-        freed = await _free(rt, delivery, ok=False)
-        if freed.handed is not None:
-            await rt.queue.deliver(*freed.handed)
-        raise
-    freed = await _free(rt, delivery, ok=out.ok)
-    if freed.open_until:
-        log.info("webhook destination of %s failing: circuit open for %.1f s", redact_url(delivery.url),
-                 (freed.open_until - time.time() * 1000) / 1000,
-                 extra=await _log_extra(rt, delivery, "webhook.circuit_open"))
-    try:
+        freed = await _free(rt, delivery, ok=out.ok)
+        if freed.open_until:
+            log.info("webhook destination of %s failing: circuit open for %.1f s", redact_url(delivery.url),
+                     (freed.open_until - time.time() * 1000) / 1000,
+                     extra=await _log_extra(rt, delivery, "webhook.circuit_open"))
         await _record(rt, delivery, endpoint, out, freed.open_until)
-    except BaseException:
+    except BaseException:  # cut short (the worker stopping): the places are freed (else their leases end
+        if freed is None:  # them), and whoever they went to is queued, not left to the sweeper
+            freed = await _free(rt, delivery, ok=False)
         if freed.handed is not None:
             await rt.queue.deliver(*freed.handed)
         raise

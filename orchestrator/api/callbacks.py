@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from orchestrator.api.deps import RuntimeDep
 from orchestrator.api.problems import problem_response
+from orchestrator.domain.job import Job
 from orchestrator.domain.schedule import woken_rank
 from orchestrator.infra import metrics
 from orchestrator.store.jobs import Conflict
@@ -40,6 +41,15 @@ def _callback_id(request: Request, token: str, body: bytes) -> str:
     webhook_id = request.headers.get("webhook-id")
     material = f"id:{webhook_id}".encode() if webhook_id else token.encode() + b"\n" + body
     return hashlib.sha256(material).hexdigest()[:32]
+
+
+def _nothing_to_fetch(job: Job) -> str | None:
+    """Why a callback for ``job`` wakes no status fetch, if it does not."""
+    if job.status in TERMINAL:
+        return "ignored: job already finished"
+    if job.status not in (JobStatus.submitted, JobStatus.running) or job.phase == "collecting":
+        return "ignored: nothing to fetch yet"
+    return None
 
 
 def _ack(outcome: str) -> JSONResponse:
@@ -85,21 +95,18 @@ async def provider_callback(provider: str, request: Request, rt: RuntimeDep) -> 
         return _ack("ignored: unknown job")
     if hint.task_id and job.provider_task_id and hint.task_id != job.provider_task_id:
         return _ack("ignored: task does not belong to this job")
-    if job.status in TERMINAL:
-        return _ack("ignored: job already finished")
-    if job.status not in (JobStatus.submitted, JobStatus.running) or job.phase == "collecting":
-        return _ack("ignored: nothing to fetch yet")
     for _ in range(3):
+        # Checked again after a lost compare-and-set: a poll may have seen the outputs meanwhile, and a
+        # write now would only cost the collection a retry.
+        if (unfetchable := _nothing_to_fetch(job)) is not None:
+            return _ack(unfetchable)
         try:
             job = await rt.jobs.change(job, poll_seq=job.poll_seq + 1)
             break
         except Conflict:
             fresh = await rt.store.get(job.id)
-            if fresh is None or fresh.status in TERMINAL:
+            if fresh is None:
                 return _ack("ignored: job already finished")
-            if fresh.status not in (JobStatus.submitted, JobStatus.running) or fresh.phase == "collecting":
-                # (a poll saw the outputs meanwhile: a write now would only cost the collection a retry)
-                return _ack("ignored: nothing to fetch yet")
             job = fresh
     now = time.time()
     await rt.polls.put(job.provider, job.key_id, job.id, job.poll_seq, now, woken_rank(now))
