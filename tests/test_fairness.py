@@ -156,10 +156,11 @@ async def test_the_sweeper_queues_an_overdue_delivery_once(redis_url):
 
 
 async def test_a_freed_place_goes_to_the_oldest_waiting_delivery_of_its_destination(redis_url):
-    # Two places at the destination (each attempt takes 30 ms), 20 deliveries admitted at once (a line
-    # builds, whatever the machine's load), then 20 newcomers while it drains. Each finished attempt
-    # hands its place to the oldest waiting one, so they arrive in the order they came (a newcomer
-    # cannot take a freed place first), never more than two at once, each once.
+    # Two places at the destination, fixed (start and most; each attempt takes 30 ms), 20 deliveries
+    # admitted at once (a line builds, whatever the machine's load), then 20 newcomers while it
+    # drains. Each finished attempt hands its place to the oldest waiting one, so they start in the
+    # order they came (a newcomer cannot take a freed place first), never more than two at once,
+    # each once.
     active = 0
     most = 0
     arrivals: list[str] = []
@@ -171,16 +172,16 @@ async def test_a_freed_place_goes_to_the_oldest_waiting_delivery_of_its_destinat
         active += 1
         most = max(most, active)
         try:
-            headers = dict(scope["headers"])
+            arrivals.append(dict(scope["headers"])[b"webhook-id"].decode())  # as the attempt starts
             await asyncio.sleep(0.03)
-            arrivals.append(headers[b"webhook-id"].decode())
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
         finally:
             active -= 1
 
     async with serving(slow_receiver) as hooks, \
-            dev_stack(redis_url=redis_url, webhook_endpoint_concurrency=2, log_format="text") as stack:
+            dev_stack(redis_url=redis_url, webhook_endpoint_concurrency=2, webhook_endpoint_concurrency_max=2,
+                      log_format="text") as stack:
         rt = await Runtime.open(stack.settings)
         try:
             admitted = []
@@ -197,14 +198,83 @@ async def test_a_freed_place_goes_to_the_oldest_waiting_delivery_of_its_destinat
                     waiting = max(waiting, int(await rt.redis.zcard("atl:whq:dest:" + dest + ":waiting")))
                     await asyncio.sleep(0.01)
             deadline = time.monotonic() + 30
-            while len(arrivals) < 40 and time.monotonic() < deadline:
+            delivered = []
+            while time.monotonic() < deadline:  # until each is recorded (after its answer)
+                delivered = [await rt.store.get_delivery(d) for d in admitted]
+                if all(d is not None and d.status != "pending" for d in delivered):
+                    break
                 await asyncio.sleep(0.05)
-            delivered = [await rt.store.get_delivery(d) for d in admitted]
         finally:
             await rt.close()
     assert waiting >= 5, f"the line never built (at most {waiting} waiting)"
     assert sorted(arrivals) == sorted(admitted), "every delivery arrives, once"
     assert most <= 2, f"{most} attempts at once at a destination allowed two"
-    # two places work side by side: each arrives within a step of its place in the line
-    assert all(abs(arrivals.index(d) - i) <= 1 for i, d in enumerate(admitted)), arrivals
+    # two places work side by side (one may stall a moment on a loaded machine while the other goes
+    # on): each starts within three steps of its place in the line (a newcomer taking a freed place
+    # first would start a whole line, 5 or more, ahead of its place)
+    out_of_line = [(i, arrivals.index(d)) for i, d in enumerate(admitted) if abs(arrivals.index(d) - i) > 3]
+    assert not out_of_line, f"(place in line, place in arrivals): {out_of_line}"
     assert all(d is not None and d.status == "delivered" and len(d.attempts) == 1 for d in delivered)
+
+
+async def test_a_destinations_limit_grows_while_it_answers_quickly_and_falls_back_when_it_answers_slowly(redis_url):
+    # Starting at two places, at most six: 60 deliveries at once to a receiver answering in 10 ms take
+    # more than two places at once (the limit grows with each quick success while others wait), never
+    # more than six. Then six at once to the same receiver answering in 1.2 s (slow: over half the 2 s
+    # timeout): each slow success halves the limit, back to the two it started with; all are
+    # delivered, once.
+    active = 0
+    most = 0
+    delay = 0.01
+    arrivals: list[str] = []
+
+    async def receiver(scope, receive, send):
+        nonlocal active, most
+        if scope["type"] != "http":
+            return
+        active += 1
+        most = max(most, active)
+        try:
+            await asyncio.sleep(delay)
+            arrivals.append(dict(scope["headers"])[b"webhook-id"].decode())
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            active -= 1
+
+    async with serving(receiver) as hooks, \
+            dev_stack(redis_url=redis_url, webhook_endpoint_concurrency=2, webhook_endpoint_concurrency_max=6,
+                      webhook_timeout_seconds=2.0, log_format="text") as stack:
+        rt = await Runtime.open(stack.settings)
+        try:
+            def new_delivery(i: int) -> Delivery:
+                return Delivery(id=new_id("msg"), tenant="adaptive", url=f"{hooks}/hook",
+                                event_type="job.succeeded", sequence=i, payload="{}")
+
+            limit_key = f"atl:whq:dest:{destination(new_delivery(0))}:limit"
+
+            async def deliver_all(deliveries: list[Delivery]) -> list[Delivery | None]:
+                for d in deliveries:
+                    assert await rt.store.create_delivery(d)
+                await rt.webhook_gates.admit(deliveries, int(time.time() * 1000))
+                deadline = time.monotonic() + 60
+                stored: list[Delivery | None] = []
+                while time.monotonic() < deadline:  # until each is recorded delivered (after its answer)
+                    stored = [await rt.store.get_delivery(d.id) for d in deliveries]
+                    if all(d is not None and d.status != "pending" for d in stored):
+                        break
+                    await asyncio.sleep(0.1)
+                return stored
+
+            quick = await deliver_all([new_delivery(i) for i in range(60)])
+            most_quick, limit_quick = most, int(await rt.redis.get(limit_key) or 0)
+            delay, most = 1.2, 0
+            slow = await deliver_all([new_delivery(i) for i in range(6)])
+            limit_slow = int(await rt.redis.get(limit_key) or 0)
+        finally:
+            await rt.close()
+    assert 2 < most_quick <= 6, f"{most_quick} at once (start 2, at most 6)"
+    assert limit_quick == 6, limit_quick
+    assert limit_slow == 2, f"six slow answers left the limit at {limit_slow}"
+    assert len(arrivals) == len(set(arrivals)) == 66, "each delivered once"
+    assert all(d is not None and d.status == "delivered" and len(d.attempts) == 1 for d in quick + slow)

@@ -14,7 +14,8 @@
   is disabled with the reason; deliveries still pending for a disabled endpoint end ``dead``
   without being sent (``POST .../recover`` resends them once it is enabled again).
 - Fairness (``orchestrator.store.webhook_gates``): a delivery holds a place at its destination
-  (at most ``ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY``) and at its tenant (at most
+  (its limit starts at ``ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY`` and adapts to how the destination
+  answers, up to ``ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY_MAX``) and at its tenant (at most
   ``ATELIER_WEBHOOK_TENANT_CONCURRENCY``) from its admission to the queue until its attempt ends; a
   destination's circuit opens after ``ATELIER_WEBHOOK_CIRCUIT_FAILURES`` failures in a row (after the
   cool-down, one probe at a time). A delivery with no room waits in its destination's and its
@@ -114,31 +115,36 @@ DISPATCH_INTERVAL = 0.1
 CHAIN_SECONDS = 5.0
 
 
+Handed = tuple[tuple[str, int], ...]  # deliveries (id, attempt) that a finished attempt handed its places to
+
+
 async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | None = None) -> None:
     """Attempt the delivery; then, for up to ``CHAIN_SECONDS``, the deliveries its finished attempts
-    handed their places to (same destination, places already held: no queue round); past that, the
-    next one is queued."""
+    handed their places to (same destination, places already held: no queue round), one after the
+    other; any more handed at once (the destination's limit grew) and, past that time, the next are
+    queued."""
     rt: Runtime = ctx["rt"]
     started = time.monotonic()
     handed = await _deliver(ctx, rt, delivery_id, attempt)
-    while handed is not None:
+    while handed:
         if time.monotonic() - started >= CHAIN_SECONDS:
-            await rt.queue.deliver(*handed)  # if this is lost, the sweeper queues it (its due time has passed)
+            await rt.queue.deliver_many(list(handed))  # if lost, the sweeper queues them (their due time passed)
             return
-        handed = await _deliver(ctx, rt, *handed)
+        if len(handed) > 1:
+            await rt.queue.deliver_many(list(handed[1:]))
+        handed = await _deliver(ctx, rt, *handed[0])
 
 
-async def _deliver(ctx: dict[str, Any], rt: Runtime, delivery_id: str,
-                   attempt: int | None) -> tuple[str, int] | None:
-    """One attempt (or nothing, when it is not due or not this run's); returns the waiting delivery
+async def _deliver(ctx: dict[str, Any], rt: Runtime, delivery_id: str, attempt: int | None) -> Handed:
+    """One attempt (or nothing, when it is not due or not this run's); returns the waiting deliveries
     that its freed places went to, for the caller to attempt or queue."""
     delivery = await rt.store.get_delivery(delivery_id)
     if delivery is None:
-        return None
+        return ()
     if delivery.status != "pending":  # ended meanwhile: places handed to it while it waited go on
         return (await _free(rt, delivery, ok=None)).handed
     if attempt is not None and attempt != len(delivery.attempts):
-        return None  # not this delivery's next attempt: a duplicate entry, or one already made (its own run frees)
+        return ()  # not this delivery's next attempt: a duplicate entry, or one already made (its own run frees)
     endpoints = rt.endpoints
     endpoint = None
     if delivery.endpoint_id:
@@ -158,14 +164,14 @@ async def _deliver(ctx: dict[str, Any], rt: Runtime, delivery_id: str,
     now_ms = int(time.time() * 1000)
     gate = await rt.webhook_gates.acquire(delivery, now_ms)
     if gate.verdict == "busy":
-        return None  # another worker is making this very attempt
+        return ()  # another worker is making this very attempt
     if gate.verdict != "go":
         await _hold_back(rt, delivery, gate, now_ms)
-        return None
+        return ()
     freed: Freed | None = None
     try:
         out = await _attempt(ctx, rt, delivery, secrets)
-        freed = await _free(rt, delivery, ok=out.ok)
+        freed = await _free(rt, delivery, ok=out.ok, latency_ms=out.latency_ms)
         if freed.open_until:
             log.info("webhook destination of %s failing: circuit open for %.1f s", redact_url(delivery.url),
                      (freed.open_until - time.time() * 1000) / 1000,
@@ -174,16 +180,16 @@ async def _deliver(ctx: dict[str, Any], rt: Runtime, delivery_id: str,
     except BaseException:  # cut short (the worker stopping): the places are freed (else their leases end
         if freed is None:  # them), and whoever they went to is queued, not left to the sweeper
             freed = await _free(rt, delivery, ok=False)
-        if freed.handed is not None:
-            await rt.queue.deliver(*freed.handed)
+        if freed.handed:
+            await rt.queue.deliver_many(list(freed.handed))
         raise
     return freed.handed
 
 
-async def _free(rt: Runtime, delivery: Delivery, ok: bool | None) -> Freed:
+async def _free(rt: Runtime, delivery: Delivery, ok: bool | None, latency_ms: float = 0.0) -> Freed:
     """End the delivery's hold on its places (``ok``: the attempt's outcome, ``None``: none was made);
-    ``Freed.handed`` is the waiting delivery that holds them now, for the caller to attempt or queue."""
-    return await rt.webhook_gates.outcome(delivery, int(time.time() * 1000), ok=ok)
+    ``Freed.handed`` are the waiting deliveries that hold them now, for the caller to attempt or queue."""
+    return await rt.webhook_gates.outcome(delivery, int(time.time() * 1000), ok=ok, latency_ms=latency_ms)
 
 
 async def _hold_back(rt: Runtime, delivery: Delivery, gate: Gate, now_ms: int) -> None:

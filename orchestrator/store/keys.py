@@ -98,8 +98,8 @@ DELIVERIES_PARKED = f"{P}whq:parked"
 def webhook_destination(destination: str, part: str) -> str:
     """A webhook destination's ``inflight`` deliveries (admitted or being attempted: zset of leases, ms),
     ``circuit`` (hash: ``failures``, ``failing_since``, ``opens``, ``open_until``), ``parked``
-    deliveries (woken when the circuit closes) or ``waiting`` line (zset of "{delivery id}:{attempt}"
-    by arrival: a finishing attempt hands its place to the oldest)."""
+    deliveries (woken when the circuit closes), ``waiting`` line (zset of "{delivery id}:{attempt}"
+    by arrival: a finishing attempt hands its place to the oldest) or adapted ``limit`` (string)."""
     return f"{P}whq:dest:{destination}:{part}"
 
 

@@ -1,6 +1,13 @@
 """Fairness for webhook deliveries: per-destination and per-tenant caps on active deliveries, a
 circuit breaker per destination, a waiting line per tenant and a parking lot.
 
+A destination's cap adapts to how it answers (additive increase, multiplicative decrease, as TCP
+does): every destination gets ``endpoint_concurrency``; one answering quickly while deliveries wait
+for it earns one more place per success, up to ``endpoint_concurrency_max``, and each failure or
+slow answer halves what it earned (a failing one meets the circuit breaker). A fixed cap would hold
+a healthy receiver to a fraction of what it takes (eight at once is 80 deliveries/s at a 100 ms
+round trip).
+
 A destination is a registered endpoint, or a tenant's job/batch ``webhook_url`` origin (per tenant,
 so one tenant cannot open another's circuit). A delivery is *admitted* when it is created: if its
 destination and tenant have room it holds its places and goes to the arq queue; if not, it waits
@@ -43,15 +50,17 @@ class Gate:
 @dataclass(frozen=True)
 class Freed:
     """What an attempt's end did: the destination's circuit is open until ``open_until`` (ms, 0: closed);
-    ``handed``: the waiting delivery ``(id, attempt)`` that now holds the freed places, to be attempted
-    or queued by the caller."""
+    ``handed``: the waiting deliveries ``(id, attempt)`` that now hold the freed places (and any the
+    destination's grown limit opened), to be attempted or queued by the caller."""
     open_until: int = 0
-    handed: tuple[str, int] | None = None
+    handed: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
 class CircuitRules:
-    endpoint_concurrency: int = 8
+    endpoint_concurrency: int = 8  # a destination's limit to start with, and the least
+    endpoint_concurrency_max: int = 64  # ... and the most it grows to
+    slow_ms: int = 5_000  # a success slower than this counts as a sign of strain (the limit halves)
     tenant_concurrency: int = 50
     failures_to_open: int = 5
     cooldown_ms: int = 5_000
@@ -79,9 +88,9 @@ class WebhookGates:
     async def _pass(self, delivery: Delivery, mode: str, now_ms: int, lease_ms: int) -> Gate:
         r = self.rules
         verdict, wait, since = await self._gate(
-            keys=self._keys(delivery),
+            keys=[*self._keys(delivery), keys.webhook_destination(destination(delivery), "limit")],
             args=[delivery.id, mode, now_ms, lease_ms, r.endpoint_concurrency, r.tenant_concurrency, r.lease_ms,
-                  f"{delivery.id}:{len(delivery.attempts)}"])
+                  f"{delivery.id}:{len(delivery.attempts)}", r.endpoint_concurrency_max])
         return Gate(verdict.decode() if isinstance(verdict, bytes) else str(verdict), int(wait), int(since))
 
     async def admit(self, deliveries: Sequence[Delivery], now_ms: int) -> None:
@@ -109,23 +118,22 @@ class WebhookGates:
         else:  # woken by the tenant's next finished attempt; if that wake is lost, the sweeper queues it
             await self.redis.zadd(keys.DELIVERIES_DUE, {delivery.id: now_ms + self.rules.lease_ms}, xx=True)
 
-    async def outcome(self, delivery: Delivery, now_ms: int, ok: bool | None) -> Freed:
-        """Free the delivery's places (handing them to the oldest delivery waiting for its destination, or
-        waking the tenant's oldest waiting delivery) and count the attempt's outcome (``None``: no
-        attempt was made)."""
+    async def outcome(self, delivery: Delivery, now_ms: int, ok: bool | None, latency_ms: float = 0.0) -> Freed:
+        """Free the delivery's places (handing them to the oldest deliveries waiting for its destination,
+        or waking the tenant's oldest waiting delivery), count the attempt's outcome (``None``: no
+        attempt was made) and adapt the destination's limit to it and its ``latency_ms``."""
         r = self.rules
         ttl = max(r.max_cooldown_ms * 4, 24 * 3600 * 1000)
         result = "skip" if ok is None else ("1" if ok else "0")
+        dest = destination(delivery)
         open_until, handed = await self._outcome(
-            keys=[*self._keys(delivery), keys.DELIVERIES_PARKED,
-                  keys.webhook_destination(destination(delivery), "parked")],
+            keys=[*self._keys(delivery), keys.DELIVERIES_PARKED, keys.webhook_destination(dest, "parked"),
+                  keys.webhook_destination(dest, "limit")],
             args=[delivery.id, now_ms, result, r.failures_to_open, r.cooldown_ms, r.max_cooldown_ms, ttl,
-                  r.queue_lease_ms])
-        member = handed.decode() if isinstance(handed, bytes) else str(handed)
-        if not member:
-            return Freed(int(open_until))
-        delivery_id, _, attempt = member.rpartition(":")
-        return Freed(int(open_until), (delivery_id, int(attempt)))
+                  r.queue_lease_ms, r.endpoint_concurrency, r.endpoint_concurrency_max, r.tenant_concurrency,
+                  "1" if latency_ms > r.slow_ms else "0"])
+        members = (m.decode() if isinstance(m, bytes) else str(m) for m in handed)
+        return Freed(int(open_until), tuple((m.rpartition(":")[0], int(m.rpartition(":")[2])) for m in members))
 
     async def park(self, delivery_id: str, attempt: int, until_ms: int, dest: str | None = None) -> None:
         """Hold the delivery back until ``until_ms`` (or until ``dest``, whose circuit is open, recovers);

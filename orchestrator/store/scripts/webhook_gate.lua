@@ -1,7 +1,8 @@
--- May delivery ARGV[1] go now? Per destination: at most ARGV[5] deliveries active (queued after
--- admission, or being attempted) and a circuit breaker (open: none; half open after the cool-down:
--- one at a time); per tenant: at most ARGV[6] active (0: no cap). Holds are leases (ms scores),
--- so a crashed worker's hold ends by itself.
+-- May delivery ARGV[1] go now? Per destination: at most its limit of deliveries active (queued after
+-- admission, or being attempted; the limit adapts between ARGV[5] and ARGV[9], webhook_outcome.lua)
+-- and a circuit breaker (open: none; half open after the cool-down: one at a time); per tenant: at
+-- most ARGV[6] active (0: no cap). Holds are leases (ms scores), so a crashed worker's hold ends by
+-- itself.
 --   ARGV[2] = 'admit': a new delivery; on 'go' it holds its places while it waits in the queue.
 --   ARGV[2] = 'attempt': about to post; a delivery already holding its places goes on; another
 --     worker making this very attempt (the attempt marker) answers 'busy'.
@@ -10,9 +11,9 @@
 -- destination's oldest, else wakes the tenant's oldest (webhook_outcome.lua), so nothing polls for
 -- a place.
 -- KEYS: 1 destination active zset, 2 destination circuit hash, 3 tenant active zset,
---       4 attempt marker, 5 tenant waiting zset, 6 destination waiting zset
--- ARGV: 1 delivery id, 2 mode, 3 now ms, 4 lease ms, 5 destination limit, 6 tenant limit,
---       7 attempt marker ttl ms, 8 waiting member
+--       4 attempt marker, 5 tenant waiting zset, 6 destination waiting zset, 7 destination limit
+-- ARGV: 1 delivery id, 2 mode, 3 now ms, 4 lease ms, 5 destination's starting limit, 6 tenant limit,
+--       7 attempt marker ttl ms, 8 waiting member, 9 destination's highest limit
 -- Returns {verdict, wait ms, failing since ms}: go | busy | open | full
 local now = tonumber(ARGV[3])
 if ARGV[2] == 'attempt' then
@@ -40,7 +41,7 @@ local verdict = 'go'
 if open_until > now then
   verdict = 'open'
 else
-  local limit = tonumber(ARGV[5])
+  local limit = math.min(tonumber(redis.call('GET', KEYS[7]) or ARGV[5]), tonumber(ARGV[9]))
   if open_until > 0 then limit = 1 end
   local tenant_limit = tonumber(ARGV[6])
   if redis.call('ZCARD', KEYS[1]) >= limit
