@@ -116,12 +116,21 @@ async def _submit(rt: Runtime, provider: Provider, job: Job) -> None:
         return
     started = time.time()
     try:
-        job = await rt.jobs.transition(
+        job = await through_redis_outage(functools.partial(
+            rt.jobs.transition,
             job, S.submitting, attempts=job.attempts + 1, key_id=kid, phase=None, submit_started_at=started,
             active_at=started + provider.settings.request_timeout(job.model) + rt.settings.sweep_grace_seconds,
-        )
+        ))
     except Conflict:
-        return  # someone else is submitting it
+        # Someone else is submitting it, or this very write landed and Redis went away before its
+        # answer (the retry then meets its own write): only this run's own intent lets it call the
+        # provider. Fault suite finding: the run failed, a later one found the job `submitting` with
+        # no outcome, looked for a task never created and failed it provider_outcome_unknown.
+        mine = await through_redis_outage(functools.partial(load_job, rt, job.id))
+        if mine is None or not (mine.status == S.submitting and mine.submit_started_at == started
+                                and mine.attempts == job.attempts + 1):
+            return
+        job = mine
     try:
         result = await provider.submit(call, request)
         bad_id = (not result.task_id or len(result.task_id) > MAX_TASK_ID or limits.problem(result.task_id)
