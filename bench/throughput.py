@@ -12,7 +12,7 @@
    ``/v1/jobs`` with --concurrency requests in flight and counts until every
    job is ``succeeded`` (submit, poll, download into storage, CAS transitions).
 
-Prints both rates and their ratio (target: end to end >= 20 % of bare arq), and
+Prints both rates and their ratio (target: end to end >= 12 % of bare arq, issue 20), and
 how much CPU each process used. Asserts nothing. Logs at WARNING, callbacks off
 (--callbacks on makes the simulator call back too, as in sandbox defaults).
 """
@@ -272,7 +272,7 @@ async def main(args: argparse.Namespace) -> None:
           f"{e2e['commands']:.1f} Redis commands ({e2e['top_commands']}, ...)")
     print(f"  {e2e['cpu']}")
     ratio = float(e2e["rate"]) / arq_rate
-    print(f"ratio:              {100 * ratio:.1f} % of bare arq (target >= 20 %)")
+    print(f"ratio:              {100 * ratio:.1f} % of bare arq (target >= 12 %)")
     cpu_ratio = arq_cpu_ms / float(e2e["worker_ms"])
     print(f"  by worker CPU per job (less sensitive to other load on the machine): {100 * cpu_ratio:.1f} %")
 
