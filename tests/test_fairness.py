@@ -24,6 +24,30 @@ from workers.sweep import sweep
 IMAGE = {"provider": "replicate", "kind": "image", "model": "black-forest-labs/flux-schnell"}
 
 
+class CountingReceiver:
+    """A plain ASGI webhook receiver that answers 204 after ``delay`` seconds, noting each delivery's
+    webhook-id as its attempt starts and the most attempts under way at once."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.active = 0
+        self.most = 0
+        self.arrivals: list[str] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        self.active += 1
+        self.most = max(self.most, self.active)
+        try:
+            self.arrivals.append(dict(scope["headers"])[b"webhook-id"].decode())
+            await asyncio.sleep(self.delay)
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            self.active -= 1
+
+
 async def test_a_big_batch_does_not_hold_back_another_tenants_job_on_the_same_key(redis_url):
     # Two slots on the key, 400 of tenant A's jobs waiting for them (about 40 s of work): tenant B's
     # single job, submitted behind them, takes one of the next slots, not the 401st.
@@ -161,25 +185,10 @@ async def test_a_freed_place_goes_to_the_oldest_waiting_delivery_of_its_destinat
     # drains. Each finished attempt hands its place to the oldest waiting one, so they start in the
     # order they came (a newcomer cannot take a freed place first), never more than two at once,
     # each once.
-    active = 0
-    most = 0
-    arrivals: list[str] = []
+    receiver = CountingReceiver(delay=0.03)
+    arrivals = receiver.arrivals
 
-    async def slow_receiver(scope, receive, send):  # a plain ASGI app: counts attempts under way
-        nonlocal active, most
-        if scope["type"] != "http":
-            return
-        active += 1
-        most = max(most, active)
-        try:
-            arrivals.append(dict(scope["headers"])[b"webhook-id"].decode())  # as the attempt starts
-            await asyncio.sleep(0.03)
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-        finally:
-            active -= 1
-
-    async with serving(slow_receiver) as hooks, \
+    async with serving(receiver) as hooks, \
             dev_stack(redis_url=redis_url, webhook_endpoint_concurrency=2, webhook_endpoint_concurrency_max=2,
                       log_format="text") as stack:
         rt = await Runtime.open(stack.settings)
@@ -208,7 +217,7 @@ async def test_a_freed_place_goes_to_the_oldest_waiting_delivery_of_its_destinat
             await rt.close()
     assert waiting >= 5, f"the line never built (at most {waiting} waiting)"
     assert sorted(arrivals) == sorted(admitted), "every delivery arrives, once"
-    assert most <= 2, f"{most} attempts at once at a destination allowed two"
+    assert receiver.most <= 2, f"{receiver.most} attempts at once at a destination allowed two"
     # two places work side by side (one may stall a moment on a loaded machine while the other goes
     # on): each starts within three steps of its place in the line (a newcomer taking a freed place
     # first would start a whole line, 5 or more, ahead of its place)
@@ -223,24 +232,8 @@ async def test_a_destinations_limit_grows_while_it_answers_quickly_and_falls_bac
     # more than six. Then six at once to the same receiver answering in 1.2 s (slow: over half the 2 s
     # timeout): each slow success halves the limit, back to the two it started with; all are
     # delivered, once.
-    active = 0
-    most = 0
-    delay = 0.01
-    arrivals: list[str] = []
-
-    async def receiver(scope, receive, send):
-        nonlocal active, most
-        if scope["type"] != "http":
-            return
-        active += 1
-        most = max(most, active)
-        try:
-            await asyncio.sleep(delay)
-            arrivals.append(dict(scope["headers"])[b"webhook-id"].decode())
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-        finally:
-            active -= 1
+    receiver = CountingReceiver(delay=0.01)
+    arrivals = receiver.arrivals
 
     async with serving(receiver) as hooks, \
             dev_stack(redis_url=redis_url, webhook_endpoint_concurrency=2, webhook_endpoint_concurrency_max=6,
@@ -267,8 +260,8 @@ async def test_a_destinations_limit_grows_while_it_answers_quickly_and_falls_bac
                 return stored
 
             quick = await deliver_all([new_delivery(i) for i in range(60)])
-            most_quick, limit_quick = most, int(await rt.redis.get(limit_key) or 0)
-            delay, most = 1.2, 0
+            most_quick, limit_quick = receiver.most, int(await rt.redis.get(limit_key) or 0)
+            receiver.delay, receiver.most = 1.2, 0
             slow = await deliver_all([new_delivery(i) for i in range(6)])
             limit_slow = int(await rt.redis.get(limit_key) or 0)
         finally:
