@@ -106,7 +106,8 @@ async def main(args: argparse.Namespace) -> None:
                               sandbox_url=sandbox_url, public_url=f"http://127.0.0.1:{port}", callbacks="on",
                               poll_min_seconds=args.poll_min, worker_poll_delay=args.worker_poll_delay,
                               log_level=args.log_level, worker_metrics_port=0, webhook_allow_private="true",
-                              webhook_endpoint_concurrency=args.endpoint_concurrency)
+                              webhook_endpoint_concurrency=args.endpoint_concurrency,
+                              webhook_endpoint_concurrency_max=args.endpoint_concurrency_max)
             redis = await connect(server.url, "atelier:jobs")
             api_key = await create_api_key(redis, "bench")
             api = start_api(procs, env, port)
@@ -233,6 +234,8 @@ if __name__ == "__main__":
     parser.add_argument("--drain-seconds", type=float, default=120.0, help="how long to wait for stragglers")
     parser.add_argument("--endpoint-concurrency", type=int, default=None,
                         help="ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY (unset: the default)")
+    parser.add_argument("--endpoint-concurrency-max", type=int, default=None,
+                        help="ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY_MAX (unset: the default; equal to the first: fixed)")
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--py-spy", metavar="DIR", help="profile the API and the workers into DIR/*.raw")

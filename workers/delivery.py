@@ -14,8 +14,8 @@
   is disabled with the reason; deliveries still pending for a disabled endpoint end ``dead``
   without being sent (``POST .../recover`` resends them once it is enabled again).
 - Fairness (``orchestrator.store.webhook_gates``): a delivery holds a place at its destination
-  (its limit starts at ``ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY`` and adapts to how the destination
-  answers, up to ``ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY_MAX``) and at its tenant (at most
+  (at most ``ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY``; adapting to how the destination answers up to
+  ``ATELIER_WEBHOOK_ENDPOINT_CONCURRENCY_MAX`` when that is set higher) and at its tenant (at most
   ``ATELIER_WEBHOOK_TENANT_CONCURRENCY``) from its admission to the queue until its attempt ends; a
   destination's circuit opens after ``ATELIER_WEBHOOK_CIRCUIT_FAILURES`` failures in a row (after the
   cool-down, one probe at a time). A delivery with no room waits in its destination's and its
@@ -128,11 +128,21 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int | 
     handed = await _deliver(ctx, rt, delivery_id, attempt)
     while handed:
         if time.monotonic() - started >= CHAIN_SECONDS:
-            await rt.queue.deliver_many(list(handed))  # if lost, the sweeper queues them (their due time passed)
+            await _queue_handed(rt, handed)
             return
-        if len(handed) > 1:
-            await rt.queue.deliver_many(list(handed[1:]))
+        await _queue_handed(rt, handed[1:])
         handed = await _deliver(ctx, rt, *handed[0])
+
+
+async def _queue_handed(rt: Runtime, handed: Handed) -> None:
+    """Queue deliveries handed places (they hold them); one whose arq id is still taken (the run in which
+    it met a full destination has not finished yet) is parked a moment, and the dispatcher queues it
+    then, as it does for parked deliveries. If this is lost, the sweeper queues them."""
+    if not handed:
+        return
+    for (delivery_id, attempt), added in zip(handed, await rt.queue.deliver_many(list(handed)), strict=True):
+        if not added:
+            await rt.webhook_gates.park(delivery_id, attempt, int(time.time() * 1000) + 100)
 
 
 async def _deliver(ctx: dict[str, Any], rt: Runtime, delivery_id: str, attempt: int | None) -> Handed:
@@ -180,8 +190,7 @@ async def _deliver(ctx: dict[str, Any], rt: Runtime, delivery_id: str, attempt: 
     except BaseException:  # cut short (the worker stopping): the places are freed (else their leases end
         if freed is None:  # them), and whoever they went to is queued, not left to the sweeper
             freed = await _free(rt, delivery, ok=False)
-        if freed.handed:
-            await rt.queue.deliver_many(list(freed.handed))
+        await _queue_handed(rt, freed.handed)
         raise
     return freed.handed
 

@@ -96,12 +96,12 @@ class Settings(BaseSettings):
     # A webhook endpoint whose deliveries have failed without a success for this long is disabled.
     webhook_disable_after_seconds: float = 5 * 24 * 3600.0
     # Fairness between receivers: attempts in flight per destination (an endpoint, or a tenant's
-    # webhook_url origin: starting at the first, adapting up to the second by how it answers) and per
-    # tenant (0: no cap); a destination that failed this many times in a row is left alone for a
-    # cool-down (doubling per failed probe, up to the longest), its deliveries parked outside the
-    # queue meanwhile.
+    # webhook_url origin: the first; with the second set higher, adapting up to it by how the
+    # destination answers) and per tenant (0: no cap); a destination that failed this many times in
+    # a row is left alone for a cool-down (doubling per failed probe, up to the longest), its
+    # deliveries parked outside the queue meanwhile.
     webhook_endpoint_concurrency: int = Field(8, ge=1)
-    webhook_endpoint_concurrency_max: int = Field(64, ge=1)
+    webhook_endpoint_concurrency_max: int | None = Field(None, ge=1)
     webhook_tenant_concurrency: int = Field(50, ge=0)
     webhook_circuit_failures: int = Field(5, ge=1)
     webhook_circuit_cooldown_seconds: float = Field(5.0, gt=0)

@@ -87,8 +87,9 @@ class Runtime:
                 follow_redirects=False)
 
         gates = WebhookGates(redis, CircuitRules(
-            endpoint_concurrency=min(settings.webhook_endpoint_concurrency, settings.webhook_endpoint_concurrency_max),
-            endpoint_concurrency_max=settings.webhook_endpoint_concurrency_max,
+            endpoint_concurrency=settings.webhook_endpoint_concurrency,
+            endpoint_concurrency_max=max(settings.webhook_endpoint_concurrency,
+                                         settings.webhook_endpoint_concurrency_max or 0),
             slow_ms=int(settings.webhook_timeout_seconds * 500),  # half the attempt's timeout
             tenant_concurrency=settings.webhook_tenant_concurrency,
             failures_to_open=settings.webhook_circuit_failures,

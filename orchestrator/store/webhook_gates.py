@@ -1,12 +1,12 @@
 """Fairness for webhook deliveries: per-destination and per-tenant caps on active deliveries, a
 circuit breaker per destination, a waiting line per tenant and a parking lot.
 
-A destination's cap adapts to how it answers (additive increase, multiplicative decrease, as TCP
-does): every destination gets ``endpoint_concurrency``; one answering quickly while deliveries wait
-for it earns one more place per success, up to ``endpoint_concurrency_max``, and each failure or
-slow answer halves what it earned (a failing one meets the circuit breaker). A fixed cap would hold
-a healthy receiver to a fraction of what it takes (eight at once is 80 deliveries/s at a 100 ms
-round trip).
+A destination's cap can adapt to how it answers (additive increase, multiplicative decrease, as TCP
+does): every destination gets ``endpoint_concurrency``; with ``endpoint_concurrency_max`` higher,
+one answering quickly while at least as many deliveries as its limit wait for it earns one more
+place per success, up to that, and each failure or slow answer halves what it earned (a failing one
+meets the circuit breaker). A fixed cap holds a healthy receiver to what it allows (eight at once
+is 80 deliveries/s at a 100 ms round trip); more places cost the worker more connections.
 
 A destination is a registered endpoint, or a tenant's job/batch ``webhook_url`` origin (per tenant,
 so one tenant cannot open another's circuit). A delivery is *admitted* when it is created: if its
@@ -59,7 +59,7 @@ class Freed:
 @dataclass(frozen=True)
 class CircuitRules:
     endpoint_concurrency: int = 8  # a destination's limit to start with, and the least
-    endpoint_concurrency_max: int = 64  # ... and the most it grows to
+    endpoint_concurrency_max: int = 8  # ... and the most it grows to (the same: a fixed cap)
     slow_ms: int = 5_000  # a success slower than this counts as a sign of strain (the limit halves)
     tenant_concurrency: int = 50
     failures_to_open: int = 5

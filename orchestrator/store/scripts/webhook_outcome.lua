@@ -4,13 +4,13 @@
 -- now, for ARGV[8] ms, and the caller attempts or queues it: no other delivery can take the place
 -- first, and no dispatcher round is waited for). Otherwise (nobody waits there, or the circuit is
 -- open) the tenant's oldest waiting delivery is woken (moved to the parked lot, due now) to try again.
--- The limit (KEYS[9]; from ARGV[9] to ARGV[10]) grows by one with each quick success while
--- deliveries wait for the destination and halves, not below ARGV[9], with each failure or slow
--- answer (ARGV[12] = '1'): a healthy receiver is not held to a guess of its capacity, a struggling
--- one goes back to what every destination gets (a failing one to the circuit breaker). Left alone
--- for ARGV[7] ms, it starts again from ARGV[9]. As many of the line go as
--- the room under the limit (and the tenant's cap) allows: the freed place, and one more when the
--- limit grew (or a lease ran out meanwhile).
+-- The limit (KEYS[9]; from ARGV[9] to ARGV[10], equal by default: fixed) grows by one with each
+-- quick success while at least as many deliveries as the limit wait for the destination (a
+-- backlog, not a burst) and halves, not below ARGV[9], with each failure or slow answer (ARGV[12] =
+-- '1'): a healthy receiver need not be held to a guess of its capacity, a struggling one goes back
+-- to what every destination gets (a failing one to the circuit breaker). Left alone for ARGV[7] ms,
+-- it starts again from ARGV[9]. As many of the line go as the room under the limit (and the
+-- tenant's cap) allows: the freed place, and one more when the limit grew (or a lease ran out).
 -- A success closes the circuit and wakes the destination's parked deliveries (due now). A failure
 -- counts; ARGV[4] failures in a row open the circuit for a cool-down of ARGV[5] ms, doubled each
 -- time it opens again (a failed probe), at most ARGV[6] ms. Attempts already under way when it
@@ -60,7 +60,7 @@ if ARGV[3] ~= 'skip' then
   local adapted = limit
   if ARGV[3] == '0' or ARGV[12] == '1' then
     adapted = math.max(tonumber(ARGV[9]), math.floor(limit / 2))
-  elseif limit < tonumber(ARGV[10]) and redis.call('ZCARD', KEYS[6]) > 0 then
+  elseif limit < tonumber(ARGV[10]) and redis.call('ZCARD', KEYS[6]) >= limit then
     adapted = limit + 1
   end
   if adapted ~= limit then redis.call('SET', KEYS[9], adapted, 'PX', ARGV[7]) end
