@@ -10,7 +10,8 @@
 -- '1'): a healthy receiver need not be held to a guess of its capacity, a struggling one goes back
 -- to what every destination gets (a failing one to the circuit breaker). Left alone for ARGV[7] ms,
 -- it starts again from ARGV[9]. As many of the line go as the room under the limit (and the
--- tenant's cap) allows: the freed place, and one more when the limit grew (or a lease ran out).
+-- tenant's cap) allows: the freed place, and one more when the limit grew (or a lease ran out);
+-- with a fixed cap, the freed place (no reads for it).
 -- A success closes the circuit and wakes the destination's parked deliveries (due now). A failure
 -- counts; ARGV[4] failures in a row open the circuit for a cool-down of ARGV[5] ms, doubled each
 -- time it opens again (a failed probe), at most ARGV[6] ms. Attempts already under way when it
@@ -24,7 +25,7 @@
 -- Returns {the time (ms) the circuit is open until (0: closed), the "{id}:{attempt}"s handed places
 -- (at most 8)}.
 local now = tonumber(ARGV[2])
-redis.call('ZREM', KEYS[1], ARGV[1])
+local freed = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('DEL', KEYS[4])
 local open_until = 0
@@ -55,24 +56,27 @@ elseif ARGV[3] == '0' then
 else
   open_until = tonumber(redis.call('HGET', KEYS[2], 'open_until') or '0')
 end
-local limit = math.min(tonumber(redis.call('GET', KEYS[9]) or ARGV[9]), tonumber(ARGV[10]))
-if ARGV[3] ~= 'skip' then
-  local adapted = limit
-  if ARGV[3] == '0' or ARGV[12] == '1' then
-    adapted = math.max(tonumber(ARGV[9]), math.floor(limit / 2))
-  elseif limit < tonumber(ARGV[10]) and redis.call('ZCARD', KEYS[6]) >= limit then
-    adapted = limit + 1
+local places = freed  -- a fixed cap (the default): the freed place goes on, nothing to adapt
+if ARGV[9] ~= ARGV[10] then
+  local limit = math.min(tonumber(redis.call('GET', KEYS[9]) or ARGV[9]), tonumber(ARGV[10]))
+  if ARGV[3] ~= 'skip' then
+    local adapted = limit
+    if ARGV[3] == '0' or ARGV[12] == '1' then
+      adapted = math.max(tonumber(ARGV[9]), math.floor(limit / 2))
+    elseif limit < tonumber(ARGV[10]) and redis.call('ZCARD', KEYS[6]) >= limit then
+      adapted = limit + 1
+    end
+    if adapted ~= limit then redis.call('SET', KEYS[9], adapted, 'PX', ARGV[7]) end
+    limit = adapted
   end
-  if adapted ~= limit then redis.call('SET', KEYS[9], adapted, 'PX', ARGV[7]) end
-  limit = adapted
-end
--- Room: the destination's limit less its active deliveries, within the tenant's (at most 8 at once).
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local places = math.min(limit - redis.call('ZCARD', KEYS[1]), 8)
-local tenant_limit = tonumber(ARGV[11])
-if tenant_limit > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  places = math.min(places, tenant_limit - redis.call('ZCARD', KEYS[3]))
+  -- Room: the limit less the destination's active deliveries, within the tenant's (at most 8 at once).
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  places = math.min(limit - redis.call('ZCARD', KEYS[1]), 8)
+  local tenant_limit = tonumber(ARGV[11])
+  if tenant_limit > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+    places = math.min(places, tenant_limit - redis.call('ZCARD', KEYS[3]))
+  end
 end
 local handed = {}
 if open_until <= now then
