@@ -228,10 +228,10 @@ async def test_a_freed_place_goes_to_the_oldest_waiting_delivery_of_its_destinat
 
 async def test_a_destinations_limit_grows_while_it_answers_quickly_and_falls_back_when_it_answers_slowly(redis_url):
     # Starting at two places, at most six: 60 deliveries at once to a receiver answering in 10 ms take
-    # more than two places at once (the limit grows with each quick success while others wait), never
-    # more than six. Then six at once to the same receiver answering in 1.2 s (slow: over half the 2 s
-    # timeout): each slow success halves the limit, back to the two it started with; all are
-    # delivered, once.
+    # more than two places at once (the limit grows with each quick success while at least as many
+    # as the limit wait), never more than six. Then six at once to the same receiver answering in
+    # 1.2 s (slow: over half the 2 s timeout): each slow success halves the limit, back to the two it
+    # started with; all are delivered, once.
     receiver = CountingReceiver(delay=0.01)
     arrivals = receiver.arrivals
 
