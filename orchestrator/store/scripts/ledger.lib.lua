@@ -9,8 +9,20 @@
 local function ledger_refusal(spec)
   local c = spec['check']
   if c == nil or tonumber(c['amount']) <= 0 then return nil end
+  local set = {}  -- settings hash -> {field -> limit or false}: one HMGET per hash, not one HGET per limit
   for _, lim in ipairs(c['limits']) do
-    local limit = redis.call('HGET', lim[2], lim[3])
+    if set[lim[2]] == nil then
+      local fields = {}
+      for _, other in ipairs(c['limits']) do
+        if other[2] == lim[2] then fields[#fields + 1] = other[3] end
+      end
+      local values = redis.call('HMGET', lim[2], unpack(fields))
+      set[lim[2]] = {}
+      for i, field in ipairs(fields) do set[lim[2]][field] = values[i] end
+    end
+  end
+  for _, lim in ipairs(c['limits']) do
+    local limit = set[lim[2]][lim[3]]
     if limit then
       local used = tonumber(redis.call('HGET', lim[4], 'committed') or '0')
       if used + tonumber(c['amount']) > tonumber(limit) then
