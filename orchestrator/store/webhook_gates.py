@@ -36,6 +36,12 @@ from orchestrator.store.queue import Queue, delivery_job_id
 from orchestrator.store.scripts import script
 
 
+def _pair(member: bytes | str) -> tuple[str, int]:
+    """A waiting-line or parking-lot member, ``"{delivery id}:{attempt}"``, as ``(delivery id, attempt)``."""
+    delivery_id, _, attempt = (member.decode() if isinstance(member, bytes) else member).rpartition(":")
+    return delivery_id, int(attempt)
+
+
 def ms_now() -> int:
     return int(time.time() * 1000)
 
@@ -132,8 +138,7 @@ class WebhookGates:
             args=[delivery.id, now_ms, result, r.failures_to_open, r.cooldown_ms, r.max_cooldown_ms, ttl,
                   r.queue_lease_ms, r.endpoint_concurrency, r.endpoint_concurrency_max, r.tenant_concurrency,
                   "1" if latency_ms > r.slow_ms else "0"])
-        members = (m.decode() if isinstance(m, bytes) else str(m) for m in handed)
-        return Freed(int(open_until), tuple((m.rpartition(":")[0], int(m.rpartition(":")[2])) for m in members))
+        return Freed(int(open_until), tuple(_pair(m) for m in handed))
 
     async def park(self, delivery_id: str, attempt: int, until_ms: int, dest: str | None = None) -> None:
         """Hold the delivery back until ``until_ms`` (or until ``dest``, whose circuit is open, recovers);
@@ -150,11 +155,7 @@ class WebhookGates:
     async def take_parked(self, now_ms: int, limit: int = 1000) -> list[tuple[str, int]]:
         """The parked (or woken) deliveries now due, removed from the lot: ``(delivery id, attempt)``."""
         members = await self._take(keys=[keys.DELIVERIES_PARKED], args=[now_ms, limit])
-        taken = []
-        for m in members:
-            delivery_id, _, attempt = (m.decode() if isinstance(m, bytes) else str(m)).rpartition(":")
-            taken.append((delivery_id, int(attempt)))
-        return taken
+        return [_pair(m) for m in members]
 
     async def waiting(self, pairs: list[tuple[str, int]]) -> list[str]:
         """For each ``(delivery id, attempt)``: ``queued`` (parked, or waiting or running in arq), ``stalled``

@@ -9,17 +9,16 @@
 local function ledger_refusal(spec)
   local c = spec['check']
   if c == nil or tonumber(c['amount']) <= 0 then return nil end
-  local set = {}  -- settings hash -> {field -> limit or false}: one HMGET per hash, not one HGET per limit
+  local fields = {}  -- settings hash -> its limit fields: one HMGET per hash, not one HGET per limit
   for _, lim in ipairs(c['limits']) do
-    if set[lim[2]] == nil then
-      local fields = {}
-      for _, other in ipairs(c['limits']) do
-        if other[2] == lim[2] then fields[#fields + 1] = other[3] end
-      end
-      local values = redis.call('HMGET', lim[2], unpack(fields))
-      set[lim[2]] = {}
-      for i, field in ipairs(fields) do set[lim[2]][field] = values[i] end
-    end
+    fields[lim[2]] = fields[lim[2]] or {}
+    table.insert(fields[lim[2]], lim[3])
+  end
+  local set = {}  -- settings hash -> {field -> limit, or false when unset}
+  for hash, names in pairs(fields) do
+    local values = redis.call('HMGET', hash, unpack(names))
+    set[hash] = {}
+    for i, name in ipairs(names) do set[hash][name] = values[i] end
   end
   for _, lim in ipairs(c['limits']) do
     local limit = set[lim[2]][lim[3]]

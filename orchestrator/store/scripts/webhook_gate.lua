@@ -42,7 +42,9 @@ if open_until > now then
   verdict = 'open'
 else
   local limit = tonumber(ARGV[5])
-  if ARGV[5] ~= ARGV[9] then limit = math.min(tonumber(redis.call('GET', KEYS[7]) or ARGV[5]), tonumber(ARGV[9])) end
+  if ARGV[5] ~= ARGV[9] then  -- an adaptive limit (else a fixed cap: nothing to read)
+    limit = math.min(tonumber(redis.call('GET', KEYS[7]) or ARGV[5]), tonumber(ARGV[9]))
+  end
   if open_until > 0 then limit = 1 end
   local tenant_limit = tonumber(ARGV[6])
   if redis.call('ZCARD', KEYS[1]) >= limit
