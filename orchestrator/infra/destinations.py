@@ -5,7 +5,7 @@ A webhook URL is a request a tenant makes Atelier send from inside its network
 
 - when it is registered (a webhook endpoint, a job's or a batch's ``webhook_url``):
   an IP literal or a name that resolves to a refused address is a ``422``;
-- when a delivery connects: ``GuardedTransport`` resolves the name, checks every
+- when a delivery connects: ``GuardedBackend`` resolves the name, checks every
   address, and connects to the address it checked. A name that resolved to a
   public address at registration and to ``127.0.0.1`` later (DNS rebinding) is
   refused there, and the attempt fails like any other.
@@ -27,6 +27,7 @@ import httpcore
 import httpx
 from httpcore import AsyncNetworkBackend, AsyncNetworkStream
 
+from orchestrator.infra.netstream import AsyncioBackend, StatelessClient, transport
 from orchestrator.infra.tls import client_ssl_context
 from providers.http import DestinationRefused as _DestinationRefused
 
@@ -172,7 +173,7 @@ class GuardedBackend(AsyncNetworkBackend):
     """httpcore network backend that resolves, checks, then connects to the checked address."""
 
     def __init__(self) -> None:
-        self._inner: AsyncNetworkBackend = httpcore.AnyIOBackend()
+        self._inner: AsyncNetworkBackend = AsyncioBackend()
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None,
@@ -215,26 +216,17 @@ class GuardedBackend(AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-class GuardedTransport(httpx.AsyncHTTPTransport):
+def guarded_transport(limits: httpx.Limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+                      ) -> httpx.AsyncHTTPTransport:
     """httpx's own transport, its connection pool built on ``GuardedBackend``."""
-
-    def __init__(self, limits: httpx.Limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-                 ) -> None:
-        super().__init__(trust_env=False, limits=limits)
-        ssl_context = client_ssl_context(trust_env=False)
-        assert isinstance(self._pool, httpcore.AsyncConnectionPool), "httpx changed its transport"
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context, max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry, network_backend=GuardedBackend(),
-        )
+    return transport(limits, client_ssl_context(trust_env=False), GuardedBackend())
 
 
 def webhook_client(timeout: float, allow_private: bool) -> httpx.AsyncClient:
     """The HTTP client deliveries use: guarded unless private destinations are allowed."""
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     if allow_private:
-        return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, limits=limits,
-                                 verify=client_ssl_context())
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False,
-                             transport=GuardedTransport(limits))
+        return StatelessClient(timeout=httpx.Timeout(timeout), follow_redirects=False,
+                               transport=transport(limits, client_ssl_context()))
+    return StatelessClient(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False,
+                             transport=guarded_transport(limits))

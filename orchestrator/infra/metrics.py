@@ -62,6 +62,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from orchestrator.domain.job import Job
+from orchestrator.infra.netstream import StatelessClient
 from orchestrator.wire.jobs import TERMINAL, JobStatus
 
 disable_created_metrics()  # no ``*_created`` series: they double the output and nobody graphs them
@@ -222,8 +223,8 @@ class ProviderClassifier:
         return "other", "other"
 
 
-class MeteredClient(httpx.AsyncClient):
-    """An ``httpx.AsyncClient`` that counts every request it sends by provider, endpoint and status."""
+class MeteredClient(StatelessClient):
+    """An HTTP client (no cookies kept) that counts every request it sends by provider, endpoint and status."""
 
     def __init__(self, classify: Callable[[httpx.URL], tuple[str, str]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
