@@ -9,12 +9,17 @@ nothing, and the deliveries are made again from a fresh read.
 from __future__ import annotations
 
 import json
+import time
+
+import pytest
 
 from orchestrator.cli.devstack import Stack
+from orchestrator.domain.ids import new_id
+from orchestrator.domain.transitions import IllegalTransition
 from orchestrator.services.runtime import Runtime
 from orchestrator.store.endpoints import Endpoints
 from orchestrator.store.jobs import Conflict, JobStore, endpoints_fingerprint
-from orchestrator.wire.jobs import JobStatus
+from orchestrator.wire.jobs import JobStatus, utcnow
 from providers.sandbox.serve import serving
 from tests.helpers import api, submit, wait_for
 from tests.test_webhook_endpoints import Receiver, make_endpoint
@@ -79,5 +84,38 @@ async def test_stale_endpoints_write_nothing_then_retry_from_a_fresh_read(stack:
             delivered = receiver.events(ep["secret"])
             assert [e["type"] for e in delivered if e["data"]["id"] == job["id"]] == ["job.canceled"]
             assert json.loads(receiver.calls[-1][2])["data"]["status"] == "canceled"
+    finally:
+        await rt.close()
+
+
+async def test_a_write_passing_through_a_status_logs_both_events_in_one_step(stack: Stack) -> None:
+    """``transition(..., via=...)``: what a create call that answered "running" does (workers/submit.py)."""
+    rt = await Runtime.open(stack.settings)
+    try:
+        async with api(stack) as client:
+            model = await rt.store.get((await submit(client))["id"])
+        assert model is not None
+        now = utcnow()
+        job = model.model_copy(update={"id": new_id("job"), "status": JobStatus.queued, "timestamps": {"queued": now},
+                                       "provider_task_id": None, "outputs": [], "phase": None, "ledger": None})
+        job, created = await rt.store.create(job, active_at=time.time() + 3600)  # queued for no worker
+        assert created
+        job = await rt.jobs.transition(job, JobStatus.submitting, attempts=1)
+        with pytest.raises(IllegalTransition):  # submitting -> running must pass through submitted
+            await rt.jobs.transition(job, JobStatus.running, via=JobStatus.queued)
+        with pytest.raises(IllegalTransition):
+            await rt.jobs.transition(job, JobStatus.succeeded, via=JobStatus.submitted)
+
+        running = await rt.jobs.transition(job, JobStatus.running, via=JobStatus.submitted, provider_task_id="t-1")
+        stored = await rt.store.get(job.id)
+        assert stored is not None and stored.version == running.version == job.version + 2
+        assert stored.status == JobStatus.running and stored.provider_task_id == "t-1"
+        assert {"submitted", "running"} <= set(stored.timestamps)
+        events = await rt.store.events(job.id)
+        assert [(e.type, e.sequence) for e in events] == [
+            ("job.created", 1), ("job.submitting", 2), ("job.submitted", 3), ("job.running", 4)]
+        assert await rt.store.events(job.id, after=3) == events[3:]  # a stream resuming after 3 gets the rest
+        assert await rt.redis.zscore(JobStore.tenant_key(job.tenant, JobStatus.running), job.id) is not None
+        assert await rt.redis.zscore(JobStore.tenant_key(job.tenant, JobStatus.submitting), job.id) is None
     finally:
         await rt.close()

@@ -146,8 +146,18 @@ async def _poll_failed(rt: Runtime, provider: Provider, job: Job, exc: ProviderE
             await fail_current(rt, job, exc.code, exc.message, exc.detail)
 
 
-async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskStatus) -> None:
-    """Apply a fetched provider status to the job (also used after callbacks)."""
+async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskStatus, *,
+                       submission: dict[str, Any] | None = None) -> None:
+    """Apply a fetched provider status to the job (also used after callbacks).
+
+    ``submission``: the job is still ``submitting`` and the create call answered with ``status``
+    (``running``, or ``succeeded`` with linked outputs): these fields, which record the submission
+    (the task id...), go in the same write, ``submitting -> submitted -> running``. A ``Conflict``
+    then reaches the caller, which must record the task whatever happened meanwhile.
+    """
+    if submission is not None:
+        assert status.state in ("running", "succeeded"), "only a live or finished task is applied with its submission"
+        job = job.model_copy(update=submission)  # what the status adds to is the submitted record
     common: dict[str, Any] = {"provider_status": limits.clean_text(status.raw_status, 200),
                               "polls": job.polls + 1, "poll_errors": 0}
     if status.task_state is not None:
@@ -168,6 +178,8 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
     position = max(0, status.queue_position) if status.state == "queued" and status.queue_position is not None else None
     if position != job.provider_queue_position:
         common["provider_queue_position"] = position  # the view's ``queue`` (services/standing.py)
+    if submission is not None:
+        common = {**submission, **common}
     try:
         if status.state in ("queued", "unknown"):
             if status.state == "unknown":
@@ -175,10 +187,18 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
                             extra=log_extra(job, "status.unknown"))
             await _next_poll(rt, provider, job, status.poll_after, **common)
         elif status.state == "running":
-            if job.status == S.submitted:
-                job = await rt.jobs.transition(job, S.running, **common)
-                common = {}
-            await _next_poll(rt, provider, job, status.poll_after, **common)
+            if submission is None and job.status != S.submitted:
+                await _next_poll(rt, provider, job, status.poll_after, **common)
+                return
+            # One write: running, and the next poll's number and deadline (then its place on the board).
+            step = dict(common, poll_seq=job.poll_seq + 1)
+            delay = poll_delay(rt.settings, provider, job.model_copy(update=step), status.poll_after)
+            at = time.time() + delay + rt.settings.sweep_grace_seconds
+            if submission is not None:
+                job = await _record_with_submission(rt, job, step, active_at=at)
+            else:
+                job = await rt.jobs.transition(job, S.running, active_at=at, **step)
+            await schedule_poll(rt, provider, job, delay)
         elif status.state == "succeeded":
             n = job.collects + 1
             # One write: running (if it was not yet) and collecting. collect keeps this deadline fresh
@@ -186,7 +206,9 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
             # after the grace, not minutes later.
             collecting = dict(common, phase="collecting", provider_outputs=status.outputs, collects=n)
             active_at = time.time() + rt.settings.sweep_grace_seconds
-            if job.status == S.submitted:
+            if submission is not None:
+                job = await _record_with_submission(rt, job, collecting, active_at=active_at)
+            elif job.status == S.submitted:
                 job = await rt.jobs.transition(job, S.running, active_at=active_at, **collecting)
             else:
                 job = await rt.jobs.change(job, active_at=active_at, **collecting)
@@ -203,8 +225,18 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
                                status.error_message or "the provider canceled the task",
                                status.error_detail, status=S.canceled, **common)
     except Conflict:
+        if submission is not None:
+            raise
         log.info("job changed while applying a status; the newer state stands",
                  extra=log_extra(job, "status.superseded"))
+
+
+async def _record_with_submission(rt: Runtime, job: Job, changes: dict[str, Any],
+                                  active_at: float | None = None) -> Job:
+    """``submitting -> submitted -> running`` in one write (through a Redis outage: the provider
+    created the task and only this process knows its id)."""
+    return await through_redis_outage(functools.partial(
+        rt.jobs.transition, job, S.running, via=S.submitted, active_at=active_at, **changes))
 
 
 async def _collect_here(rt: Runtime, provider: Provider, job: Job) -> None:
@@ -229,6 +261,12 @@ def reported_cost(provider: Provider, job: Job, status: TaskStatus) -> JobCost |
     return (job.cost or JobCost()).model_copy(update={"reported": reported})
 
 
+def inline_outputs(status: TaskStatus) -> bool:
+    """A finished task whose outputs came in the answer itself (``data:`` URLs), not as links."""
+    return status.state == "succeeded" and bool(status.outputs) and all(o.url.startswith("data:")
+                                                                         for o in status.outputs)
+
+
 async def apply_now(rt: Runtime, provider: Provider, job: Job, status: TaskStatus) -> None:
     """Apply the status a create call answered with (a synchronous provider, or a task already done).
 
@@ -236,8 +274,7 @@ async def apply_now(rt: Runtime, provider: Provider, job: Job, status: TaskStatu
     here at once, like downloaded ones, so they never sit in the job record; linked outputs take the
     usual collect step (before their links expire).
     """
-    inline = status.state == "succeeded" and status.outputs and all(o.url.startswith("data:") for o in status.outputs)
-    if not inline:
+    if not inline_outputs(status):
         await apply_status(rt, provider, job, status)
         return
     try:

@@ -46,7 +46,7 @@ from workers.context import (
 )
 from workers.keys import take_key_out
 from workers.path import Reentry, SubmitEntry, interrupted_wait, submit_again, submit_entry
-from workers.poll import apply_now, schedule_poll, unreadable
+from workers.poll import apply_now, apply_status, inline_outputs, schedule_poll, unreadable
 
 S = JobStatus
 BUDGET_NOTE = "throttled: waiting for the request budget"
@@ -203,19 +203,25 @@ async def _submitted(rt: Runtime, provider: Provider, job: Job, result: SubmitRe
     state = result.state.model_dump(exclude_none=True) if result.state is not None else {}
     current = job.model_copy(update={"callback_expected": callback_expected})
     delay = poll_delay(rt.settings, provider, current)
+    done = result.done
     for _ in range(5):
         try:
             if current.status != S.submitting:
                 break
+            submission: dict[str, Any] = {
+                "provider_task_id": result.task_id, "provider_request_id": result.request_id,
+                "provider_status": result.status, "provider_state": state, "callback_expected": callback_expected,
+                "phase": "waiting", "poll_seq": current.poll_seq + 1}
+            if done is not None and done.state in ("running", "succeeded") and not inline_outputs(done):
+                # The create call answered with the task running or done (linked outputs): the
+                # submission and that status are one write, not two.
+                await apply_status(rt, provider, current, done, submission=submission)
+                return
             job = await through_redis_outage(functools.partial(
-                rt.jobs.transition,
-                current, S.submitted, provider_task_id=result.task_id, provider_request_id=result.request_id,
-                provider_status=result.status, provider_state=state, callback_expected=callback_expected,
-                phase="waiting", poll_seq=current.poll_seq + 1,
-                active_at=time.time() + delay + rt.settings.sweep_grace_seconds,
-            ))
-            if result.done is not None:
-                await apply_now(rt, provider, job, result.done)  # the create call answered with the result
+                rt.jobs.transition, current, S.submitted,
+                active_at=time.time() + delay + rt.settings.sweep_grace_seconds, **submission))
+            if done is not None:
+                await apply_now(rt, provider, job, done)  # the create call answered with the result
             else:
                 await schedule_poll(rt, provider, job, delay)
             return

@@ -195,19 +195,25 @@ class Jobs:
     # -- changing ------------------------------------------------------------------
     async def transition(self, job: Job, status: JobStatus, *, active_at: float | None = None,
                          billed: bool | None = None, event_type: str | None = None,
-                         ledger_step: ledger.Spec | None = None, **changes: Any) -> Job:
+                         ledger_step: ledger.Spec | None = None, via: JobStatus | None = None,
+                         **changes: Any) -> Job:
         """Move ``job`` to ``status`` (compare-and-set), log the event, create its webhooks.
 
         A job finishing settles its cost (``cost.final``) and its budget hold in the same step;
         ``billed=False`` says the provider created nothing for it (by default: only a job that never
         left the queue was not billed). ``event_type``/``ledger_step``: a fallback's own event and money.
+        ``via``: a status passed through on the way, in the same write (its own event and timestamp;
+        webhooks only for ``status``): a create call that answered with the task already running
+        takes a job ``submitting -> submitted -> running`` in one step instead of two.
         """
-        if not allowed(job.status, status, fallback=event_type == "job.fallback"):
-            raise IllegalTransition(f"{job.status} -> {status}")
+        if via is not None and not (allowed(job.status, via) and via not in TERMINAL):
+            raise IllegalTransition(f"{job.status} -> {via}")
+        if not allowed(via or job.status, status, fallback=event_type == "job.fallback"):
+            raise IllegalTransition(f"{via or job.status} -> {status}")
         now = utcnow()
         new = derive(job, {**changes, "status": status})
         if status != job.status:
-            new.timestamps = {**job.timestamps, status.value: now}
+            new.timestamps = {**job.timestamps, **({via.value: now} if via else {}), status.value: now}
         if new.phase == "collecting" and job.phase != "collecting":
             new.outputs_ready_at = time.time()
         expires_at = None
@@ -228,9 +234,13 @@ class Jobs:
                         update={"outcome": new.error.code if new.error else status.value, "ended_at": now,
                                 "cost": final, "key_id": new.key_id})]
         event = None
+        passed: list[JobEvent] = []
+        if via is not None:
+            passed.append(JobEvent(sequence=0, type=f"job.{via.value}", status=via, at=now, progress=job.progress))
         if status != job.status or event_type is not None:
             event = JobEvent(sequence=0, type=event_type or f"job.{status.value}", status=status, at=now,
                              progress=new.progress, error=new.error, note=new.note)
+        events = [*passed, *([event] if event is not None else [])]
         for attempt in range(ENDPOINT_RETRIES + 1):
             deliveries: list[Delivery] = []
             fingerprint = None
@@ -242,7 +252,7 @@ class Jobs:
                 if attempt == ENDPOINT_RETRIES:
                     fingerprint = None  # (endpoints changing without pause: as read just now)
                 if new.webhook_url or endpoints:
-                    new.version = job.version + 1
+                    new.version = job.version + len(passed) + 1
                     view = await self.view(new, self.settings.webhook_url_ttl_seconds)
                     payload = job_event_payload(event.type, view)
                     if new.webhook_url:
@@ -251,7 +261,7 @@ class Jobs:
                     deliveries += [new_delivery(job.tenant, e.url, event.type, view, payload=payload,
                                                 endpoint_id=e.id) for e in endpoints]
             try:
-                saved, finished_batch = await self.store.apply(job, new, event=event, active_at=active_at,
+                saved, finished_batch = await self.store.apply(job, new, events=events, active_at=active_at,
                                                                deliveries=deliveries, endpoints=fingerprint,
                                                                expires_at=expires_at, ledger=ledger_step)
                 break
@@ -259,10 +269,15 @@ class Jobs:
                 continue
         else:  # pragma: no cover - the last attempt does not check
             raise AssertionError("unreachable")
-        metrics.job_changed(job, saved)
-        if event is not None:
-            log.info("job %s", event.type, extra={"job_id": job.id, "tenant": job.tenant,
-                                                   "provider": job.provider, "event": event.type})
+        if via is not None:  # counted as the two steps it stands for
+            passed_through = derive(job, {"status": via, "timestamps": saved.timestamps})
+            metrics.job_changed(job, passed_through)
+            metrics.job_changed(passed_through, saved)
+        else:
+            metrics.job_changed(job, saved)
+        for logged in events:
+            log.info("job %s", logged.type, extra={"job_id": job.id, "tenant": job.tenant,
+                                                   "provider": job.provider, "event": logged.type})
         if deliveries:
             await self.webhooks.admit(deliveries, ms())
         if status in TERMINAL and not job.status.terminal:

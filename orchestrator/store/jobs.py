@@ -56,6 +56,7 @@ def job_json(job: Job) -> str:
 
 
 def event_json(event: JobEvent) -> str:
+    """An event as stored: one line (JSON escapes the newlines inside strings), as job_update.lua splits them."""
     return event.model_dump_json(exclude_none=True)
 
 
@@ -207,20 +208,23 @@ class JobStore:
         return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
                 for k, v in raw.items()}
 
-    async def update(self, old: Job, new: Job, *, event: JobEvent | None = None, active_at: float | None = None,
+    async def update(self, old: Job, new: Job, *, events: Sequence[JobEvent] = (), active_at: float | None = None,
                      deliveries: Sequence[Delivery] = ()) -> Job:
-        """Compare-and-set ``old`` -> ``new``; append ``event``; record ``deliveries``.
+        """Compare-and-set ``old`` -> ``new``; append ``events``; record ``deliveries``.
 
         ``active_at``: when the sweeper should next look at the job (``REMOVE`` to
         drop it from the index, ``None`` to leave it).
         """
-        saved, _ = await self.apply(old, new, event=event, active_at=active_at, deliveries=deliveries)
+        saved, _ = await self.apply(old, new, events=events, active_at=active_at, deliveries=deliveries)
         return saved
 
-    async def apply(self, old: Job, new: Job, *, event: JobEvent | None = None, active_at: float | None = None,
+    async def apply(self, old: Job, new: Job, *, events: Sequence[JobEvent] = (), active_at: float | None = None,
                     deliveries: Sequence[Delivery] = (), endpoints: str | None = None,
                     expires_at: float | None = None, ledger: Spec | None = None) -> tuple[Job, bool]:
         """``update``, also saying whether this change finished the job's batch (exactly once per batch).
+
+        ``events``: one per status the change passes through (usually one; none for a change of fields).
+        The version goes up by one per event, and each event's sequence is the version it made.
 
         ``endpoints``: the fingerprint (``endpoints_fingerprint``) of the tenant's webhook endpoints
         that ``deliveries`` were made for; if they changed since, nothing is written and
@@ -229,10 +233,10 @@ class JobStore:
         ``ledger``: the job's money moving with the change (``store.ledger``); ``BudgetExceeded`` when
         its budget check refuses (nothing is written).
         """
-        new.version = old.version + 1
+        new.version = old.version + max(1, len(events))
         new.updated_at = utcnow()
-        if event is not None:
-            event.sequence = new.version
+        for step, event in enumerate(events, start=old.version + 1):
+            event.sequence = step
         active = "" if active_at is None else ("-" if active_at == REMOVE else str(ms(active_at)))
         finishing = new.status.terminal and not old.status.terminal
         script_keys = [self.job_key(old.id), self.events_key(old.id), self.tenant_key(old.tenant, old.status),
@@ -240,7 +244,7 @@ class JobStore:
                 self.batch_key(old.batch_id) if old.batch_id else keys.NONE,
                 self.endpoints_key(old.tenant) if endpoints is not None else keys.NONE, keys.RETENTION]
         args: list[str | int] = [old.version, job_json(new), new.status.value, old.id,
-                                 event_json(event) if event else "", active, ms(), keys.DELIVERY_PREFIX,
+                                 "\n".join(event_json(e) for e in events), active, ms(), keys.DELIVERY_PREFIX,
                                  old.status.value, old.batch_id or "", "1" if finishing else "0",
                                  endpoints or "", str(ms(expires_at)) if finishing and expires_at else "",
                                  ledger.json() if ledger is not None else ""]
