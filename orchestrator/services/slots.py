@@ -24,7 +24,9 @@ class Slots:
         """A job reached a terminal state: drop its pending poll and free its provider slot
         (one of ``Jobs.finish_hooks``)."""
         await self.polls.forget(job.provider, job.key_id, job.id)
-        if job.key_id:
+        # A job whose task was created had its turn, which took it out of the budget line
+        # (rate_turn.lua); the sweeper clears a place a race left (workers/sweep.py).
+        if job.key_id and job.provider_task_id is None:
             await self.throttle.leave_line(job.provider, job.key_id, job.id)
         await self.free(job)
 

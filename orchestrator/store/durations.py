@@ -1,7 +1,8 @@
 """Measured run times per provider and model, for the catalog's p50/p90 (``GET /v1/models``).
 
 A succeeded job's run time (from its submission to its success, outputs stored) goes at the head of
-a list capped at ``KEEP`` entries: one LPUSH and one LTRIM per success, a few KB per model.
+a list; the figures read its newest ``KEEP`` entries. One LPUSH per success, and an LTRIM back to
+``KEEP`` when the list grew ``SLACK`` past it: a few KB per model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from orchestrator.store import keys
 log = logging.getLogger("atelier.durations")
 
 KEEP = 200
+SLACK = 50
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,8 @@ class Durations:
             return
         key = keys.model_durations(job.provider, job.model)
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.lpush(key, int(seconds * 1000))
-            pipe.ltrim(key, 0, KEEP - 1)
-            await pipe.execute()
+            if await self.redis.lpush(key, int(seconds * 1000)) > KEEP + SLACK:  # type: ignore[misc]
+                await self.redis.ltrim(key, 0, KEEP - 1)  # type: ignore[misc]
         except Exception:  # noqa: BLE001 - a statistic must never fail a job's transition
             log.warning("could not record the run time of job %s", job.id, exc_info=True)
 
@@ -57,7 +57,7 @@ class Durations:
         pairs = list(models)
         pipe = self.redis.pipeline(transaction=False)
         for provider, model in pairs:
-            pipe.lrange(keys.model_durations(provider, model), 0, -1)
+            pipe.lrange(keys.model_durations(provider, model), 0, KEEP - 1)
         result = {}
         for pair, raw in zip(pairs, await pipe.execute(), strict=True):
             values = sorted(int(v) / 1000 for v in raw)
