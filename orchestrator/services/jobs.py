@@ -186,10 +186,10 @@ class Jobs:
             job, active_at=time.time() + self.settings.sweep_grace_seconds,
             body_hash=body_hash(original or request) if idempotency_key else None,
             ledger=ledger.accept(job, estimated.amount if estimated else None, api_key=api_key),
+            enqueue=self.queue.first_submission(job.id),
         )
         if created:
             metrics.job_created(job)
-            await self.queue.submit(job.id, job.attempts)
         return job, created
 
     # -- changing ------------------------------------------------------------------

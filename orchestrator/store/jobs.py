@@ -26,6 +26,7 @@ from orchestrator.domain.webhooks import Delivery
 from orchestrator.infra import metrics
 from orchestrator.store import keys
 from orchestrator.store.ledger import BudgetExceeded, Spec
+from orchestrator.store.queue import Entry
 from orchestrator.store.scripts import script
 from orchestrator.wire.jobs import JobEvent, JobStatus, utcnow
 
@@ -109,9 +110,10 @@ class JobStore:
 
     # -- jobs ----------------------------------------------------------------
     async def create(self, job: Job, *, active_at: float, body_hash: str | None = None,
-                     ledger: Spec | None = None) -> tuple[Job, bool]:
+                     ledger: Spec | None = None, enqueue: Entry | None = None) -> tuple[Job, bool]:
         """Insert a new job. With an idempotency key, returns the earlier job instead (``False``).
 
+        ``enqueue``: the job's first submission, queued in the same step (``Queue.first_submission``).
         Raises ``IdempotencyConflict`` when the key was used with a different body, ``BudgetExceeded``
         when ``ledger``'s budget check refuses it (nothing is written).
         """
@@ -119,10 +121,12 @@ class JobStore:
         event = JobEvent(sequence=1, type="job.created", status=job.status, at=job.created_at)
         idem_key = keys.idempotency(job.tenant, job.idempotency_key) if job.idempotency_key else keys.NO_IDEMPOTENCY
         idem_value = f"{job.id} {body_hash}" if job.idempotency_key else ""
-        existing = await self._create(
-            keys=self._create_keys(job, idem_key),
-            args=self._create_args(job, event, active_at, idem_value, ledger),
-        )
+        script_keys = self._create_keys(job, idem_key)
+        args = self._create_args(job, event, active_at, idem_value, ledger)
+        if enqueue is not None:
+            script_keys += enqueue.keys
+            args += enqueue.args
+        existing = await self._create(keys=script_keys, args=args)
         if isinstance(existing, bytes):
             existing = existing.decode()
         if existing.startswith("budget "):
@@ -148,7 +152,7 @@ class JobStore:
                 self.batch_key(job.batch_id) if job.batch_id else keys.NONE]
 
     def _create_args(self, job: Job, event: JobEvent, active_at: float, idem_value: str,
-                     ledger: Spec | None = None) -> list[str | int]:
+                     ledger: Spec | None = None) -> list[str | int | bytes]:
         return [job_json(job), job.status.value, job.tenant, 0, event_json(event), job.id,
                 ms(active_at), idem_value, self.idempotency_ttl, job.version, job.batch_id or "",
                 ledger.json() if ledger is not None else ""]

@@ -117,6 +117,16 @@ async def connect(redis_url: str, queue_name: str) -> ArqRedis:
                              default_queue_name=queue_name)
 
 
+@dataclass(frozen=True)
+class Entry:
+    """An arq job written by another atomic step (a job's creation puts its first submission on the
+    queue in the same script): the arq job's key and the queue, then the payload, its expiry (ms),
+    its score (ms) and its arq id."""
+
+    keys: tuple[str, str]
+    args: tuple[bytes, int, int, str]
+
+
 class Queue:
     def __init__(self, arq: ArqRedis, jobs_queue: str, webhooks_queue: str) -> None:
         self.arq = arq
@@ -134,6 +144,13 @@ class Queue:
             keys=[job_key_prefix + job_id, queue, result_key_prefix + job_id],
             args=[payload, defer_ms + expires_extra_ms, now + defer_ms, job_id])
         return bool(added)
+
+    def first_submission(self, job_id: str) -> Entry:
+        """The entry that submits a new job (``submit:{job}:0``, due now), for ``JobStore.create``."""
+        arq_id = f"submit:{job_id}:0"
+        now = int(time.time() * 1000)
+        payload = serialize_job("submit_job", (job_id,), {}, None, now, serializer=dumps)
+        return Entry((job_key_prefix + arq_id, self.jobs_queue), (payload, expires_extra_ms, now, arq_id))
 
     async def submit(self, job_id: str, attempt: int, defer: float = 0, tag: str = "") -> bool:
         arq_id = f"submit:{job_id}:{attempt}{tag}"
