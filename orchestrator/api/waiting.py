@@ -284,7 +284,7 @@ def _resolve(watch: _Watch, job: Job | None) -> None:
         watch.finished.set_result(job)
 
 
-def job_waiters(request: Request, rt: RuntimeDep) -> JobWaiters:
+async def job_waiters(request: Request, rt: RuntimeDep) -> JobWaiters:
     """The process's ``JobWaiters`` (made on first use; ``close_waiters`` ends it with the app)."""
     found: JobWaiters | None = getattr(request.app.state, "job_waiters", None)
     if found is None:
@@ -362,7 +362,7 @@ WaitQuery = Annotated[int | None, Query(
                 f"{MAX_WAIT_SECONDS}); the job comes back as it is then (200 either way: read `status`).")]
 
 
-def prefer_wait(prefer: PreferHeader = None, waiters: JobWaiters = Depends(job_waiters)) -> Waiting:  # noqa: B008
+async def prefer_wait(prefer: PreferHeader = None, waiters: JobWaiters = Depends(job_waiters)) -> Waiting:  # noqa: B008
     try:
         seconds = parse_prefer_wait(prefer)
     except ValueError as exc:
@@ -371,7 +371,7 @@ def prefer_wait(prefer: PreferHeader = None, waiters: JobWaiters = Depends(job_w
     return Waiting(seconds, waiters, preference=True)
 
 
-def query_wait(wait: WaitQuery = None, waiters: JobWaiters = Depends(job_waiters)) -> Waiting:  # noqa: B008
+async def query_wait(wait: WaitQuery = None, waiters: JobWaiters = Depends(job_waiters)) -> Waiting:  # noqa: B008
     return Waiting(wait, waiters, preference=False)
 
 
