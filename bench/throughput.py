@@ -9,7 +9,8 @@
    (1 process) on the same private redis-server, the provider simulators in
    ``atelier sandbox`` (a third process) with Replicate completing at once
    (``queue_seconds=0, run_seconds=0``). The bench POSTs --jobs jobs to
-   ``/v1/jobs`` with --concurrency requests in flight and counts until every
+   ``/v1/jobs`` with --concurrency requests in flight (each lane one keep-alive
+   connection, ``harness.RawHttp``: the load costs the machine little) and counts until every
    job is ``succeeded`` (submit, poll, download into storage, CAS transitions).
 
 Prints both rates and their ratio (target: end to end >= 12 % of bare arq, issue 20), and
@@ -37,6 +38,7 @@ from arq.jobs import serialize_job
 from harness import (
     CpuMeter,
     Procs,
+    RawHttp,
     atelier_env,
     machine_note,
     percentile,
@@ -150,28 +152,36 @@ async def atelier_end_to_end(procs: Procs, redis_url: str, jobs: int, concurrenc
     async def finished() -> int:
         return int(await redis.zcard(succeeded_key)) + int(await redis.zcard(failed_key))
 
-    async def submit_all(client: httpx.AsyncClient, n: int) -> None:
+    payload = json.dumps(body).encode()
+
+    async def submit_all(n: int) -> None:
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in range(n):
             queue.put_nowait(i)
 
         async def one_lane() -> None:
-            while not queue.empty():
-                queue.get_nowait()
-                # An Idempotency-Key makes a retry after a dropped connection safe (as a careful client does).
-                headers = {"Idempotency-Key": uuid.uuid4().hex}
-                t = time.perf_counter()
-                for attempt in range(3):
-                    try:
-                        resp = await client.post("/v1/jobs", json=body, headers=headers)
-                        break
-                    except httpx.TransportError:
-                        retries.append(1)
-                        if attempt == 2:
-                            raise
-                latencies.append(time.perf_counter() - t)
-                resp.raise_for_status()
-                ids.append(resp.json()["id"])
+            conn = RawHttp("127.0.0.1", port, {"Authorization": f"Bearer {api_key}",
+                                                "Content-Type": "application/json"})
+            try:
+                while not queue.empty():
+                    queue.get_nowait()
+                    # An Idempotency-Key makes a retry after a dropped connection safe (as a careful client does).
+                    headers = {"Idempotency-Key": uuid.uuid4().hex}
+                    t = time.perf_counter()
+                    for attempt in range(3):
+                        try:
+                            status, answer = await conn.request("POST", "/v1/jobs", payload, headers)
+                            break
+                        except ConnectionError:
+                            retries.append(1)
+                            if attempt == 2:
+                                raise
+                    latencies.append(time.perf_counter() - t)
+                    if status not in (200, 202):
+                        raise RuntimeError(f"POST /v1/jobs answered {status}: {answer[:300]!r}")
+                    ids.append(json.loads(answer)["id"])
+            finally:
+                await conn.close()
 
         await asyncio.gather(*(one_lane() for _ in range(concurrency)))
 
@@ -191,10 +201,9 @@ async def atelier_end_to_end(procs: Procs, redis_url: str, jobs: int, concurrenc
 
     try:
         warm = min(100, concurrency * 2)
-        async with api_client() as client:
-            await submit_all(client, warm)  # warm up the processes' caches and connection pools
+        await submit_all(warm)  # warm up the processes' caches and connection pools
         await wait_for(warm, 60)
-        async with api_client() as client:  # (fresh connections: uvicorn closes idle ones after 5 s)
+        async with api_client() as client:
             latencies.clear()
             ids.clear()
             meter = CpuMeter({"api": api.pid, "worker": worker.pid, "sandbox": sandbox.pid, "bench": os.getpid()})
@@ -205,7 +214,7 @@ async def atelier_end_to_end(procs: Procs, redis_url: str, jobs: int, concurrenc
             if profile_dir:
                 py_spy(procs, {"api": api.pid, "worker": worker.pid}, profile_dir, profile_seconds)
             t0 = time.perf_counter()
-            await submit_all(client, jobs)
+            await submit_all(jobs)  # (fresh connections: uvicorn closes idle ones after 5 s)
             submitted = time.perf_counter() - t0
             await wait_for(warm + jobs, 600)
             total = time.perf_counter() - t0
