@@ -8,6 +8,7 @@ nothing, and the deliveries are made again from a fresh read.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -16,6 +17,7 @@ import pytest
 from orchestrator.cli.devstack import Stack
 from orchestrator.domain.ids import new_id
 from orchestrator.domain.transitions import IllegalTransition
+from orchestrator.infra.destinations import webhook_client
 from orchestrator.services.runtime import Runtime
 from orchestrator.store.endpoints import Endpoints
 from orchestrator.store.jobs import Conflict, JobStore, endpoints_fingerprint
@@ -23,6 +25,7 @@ from orchestrator.wire.jobs import JobStatus, utcnow
 from providers.sandbox.serve import serving
 from tests.helpers import api, submit, wait_for
 from tests.test_webhook_endpoints import Receiver, make_endpoint
+from workers.delivery import DirectDeliveries
 
 
 def test_fingerprint_ignores_order_and_marks_none() -> None:
@@ -118,4 +121,39 @@ async def test_a_write_passing_through_a_status_logs_both_events_in_one_step(sta
         assert await rt.redis.zscore(JobStore.tenant_key(job.tenant, JobStatus.running), job.id) is not None
         assert await rt.redis.zscore(JobStore.tenant_key(job.tenant, JobStatus.submitting), job.id) is None
     finally:
+        await rt.close()
+
+
+async def test_a_worker_attempts_the_deliveries_it_admits_without_the_queue(stack: Stack) -> None:
+    """``DirectDeliveries``: an admitted delivery is attempted by the process that admitted it; past its
+    limit (or stopping) deliveries go to the queue as before."""
+    receiver = Receiver()
+    direct = DirectDeliveries(limit=4)
+    rt = await Runtime.open(stack.settings, deliver_now=direct)
+    http = webhook_client(5.0, allow_private=True)
+    direct.bind({"rt": rt, "webhook_http": http})
+    try:
+        async with serving(receiver.app) as base, api(stack) as client:
+            ep = await make_endpoint(client, f"{base}/hook")
+            model = await rt.store.get((await submit(client))["id"])  # its own webhooks go to the endpoint
+            await receiver.wait(2)
+            assert model is not None
+            job = model.model_copy(update={"id": new_id("job"), "status": JobStatus.queued, "ledger": None,
+                                           "timestamps": {"queued": utcnow()}, "provider_task_id": None})
+            job, _ = await rt.store.create(job, active_at=time.time() + 3600)  # queued for no worker
+            job = await rt.jobs.transition(job, JobStatus.submitting, attempts=1)
+            queued_before = await rt.redis.zcard(stack.settings.webhook_queue_name)
+            await rt.jobs.transition(job, JobStatus.running, via=JobStatus.submitted, provider_task_id="t-2")
+            assert len(direct.tasks) == 1  # started here, at once
+            assert await rt.redis.zcard(stack.settings.webhook_queue_name) == queued_before == 0
+            await asyncio.wait_for(asyncio.gather(*direct.tasks), 10)
+            await receiver.wait(3)
+            (mine,) = [e for e in receiver.events(ep["secret"]) if e["data"]["id"] == job.id]
+            assert mine["type"] == "job.running"
+
+            assert DirectDeliveries(limit=0)("dl_x", 0) is False  # full: the caller queues it
+            await direct.drain(1.0)
+            assert direct("dl_x", 0) is False  # stopping: queued
+    finally:
+        await http.aclose()
         await rt.close()

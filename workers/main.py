@@ -75,9 +75,13 @@ async def run(settings: Settings, *, queues: Sequence[str] = ("jobs", "webhooks"
 
     With ``metrics_port`` (0: any free port), serve ``/metrics`` and ``/healthz`` there.
     """
-    rt = await Runtime.open(settings)
+    # A process that delivers webhooks attempts the ones its own steps admit at once (no queue hop).
+    direct = delivery.DirectDeliveries(settings.worker_max_jobs) if "webhooks" in queues else None
+    rt = await Runtime.open(settings, deliver_now=direct)
     webhook_http = webhook_client(settings.webhook_timeout_seconds, settings.webhook_allow_private)
     ctx: dict[str, Any] = {"rt": rt, "webhook_http": webhook_http}
+    if direct is not None:
+        direct.bind(ctx)
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -108,7 +112,8 @@ async def run(settings: Settings, *, queues: Sequence[str] = ("jobs", "webhooks"
     finally:
         poller_stop.set()
         await asyncio.gather(_shutdown(workers, completion_wait),
-                             poller.drain(completion_wait) if poller else asyncio.sleep(0))
+                             poller.drain(completion_wait) if poller else asyncio.sleep(0),
+                             direct.drain(completion_wait) if direct else asyncio.sleep(0))
         await servers.aclose()
         for task in runs:
             task.cancel()

@@ -6,6 +6,7 @@ imports it. Services get their collaborators at construction (no hooks set after
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -62,7 +63,9 @@ class Runtime:
     ledger: Ledger  # budgets and usage figures (a job's money moves with the job in store.jobs)
 
     @classmethod
-    async def open(cls, settings: Settings) -> Runtime:
+    async def open(cls, settings: Settings, *, deliver_now: Callable[[str, int], bool] | None = None) -> Runtime:
+        """Everything a process needs. ``deliver_now``: a worker that attempts admitted webhook
+        deliveries itself (``workers.delivery.DirectDeliveries``); without it they are queued."""
         redis = await connect(settings.redis_url, settings.queue_name)
         await deployment.mark(redis)  # the operator commands check for it (a wrong ATELIER_REDIS_URL)
         secret = (settings.file_url_secret.get_secret_value() if settings.file_url_secret
@@ -97,7 +100,7 @@ class Runtime:
             failures_to_open=settings.webhook_circuit_failures,
             cooldown_ms=int(settings.webhook_circuit_cooldown_seconds * 1000),
             max_cooldown_ms=int(settings.webhook_circuit_max_cooldown_seconds * 1000),
-            lease_ms=int((settings.webhook_timeout_seconds + 5) * 1000)), queue)
+            lease_ms=int((settings.webhook_timeout_seconds + 5) * 1000)), queue, deliver_now)
         throttle = Throttle(redis, {name: Limits(p.settings.concurrency, p.settings.rpm)
                                     for name, p in registry.providers.items()})
         polls = PollBoard(redis, store.ACTIVE)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from arq.constants import in_progress_key_prefix, job_key_prefix
@@ -76,10 +76,14 @@ class CircuitRules:
 
 
 class WebhookGates:
-    def __init__(self, redis: Redis, rules: CircuitRules, queue: Queue) -> None:
+    def __init__(self, redis: Redis, rules: CircuitRules, queue: Queue,
+                 deliver_now: Callable[[str, int], bool] | None = None) -> None:
         self.redis = redis
         self.rules = rules
         self.queue = queue
+        # In a worker process: attempts an admitted delivery in this process at once (``False``: it
+        # cannot take more now, so the delivery is queued). ``None`` (the API): always queued.
+        self.deliver_now = deliver_now
         self._gate = script(redis, "webhook_gate")
         self._outcome = script(redis, "webhook_outcome")
         self._take = script(redis, "webhook_parked_take")
@@ -100,12 +104,15 @@ class WebhookGates:
         return Gate(verdict.decode() if isinstance(verdict, bytes) else str(verdict), int(wait), int(since))
 
     async def admit(self, deliveries: Sequence[Delivery], now_ms: int) -> None:
-        """New deliveries: queued now where their destination and tenant have room, else waiting in the
-        tenant's line or parked while the destination's circuit is open."""
+        """New deliveries: where their destination and tenant have room, attempted at once by this
+        worker (``deliver_now``) or queued; else waiting in the tenant's line or parked while the
+        destination's circuit is open."""
         for delivery in deliveries:
             gate = await self._pass(delivery, "admit", now_ms, self.rules.queue_lease_ms)
             if gate.verdict == "go":
-                await self.queue.deliver(delivery.id, len(delivery.attempts))
+                attempt = len(delivery.attempts)
+                if self.deliver_now is None or not self.deliver_now(delivery.id, attempt):
+                    await self.queue.deliver(delivery.id, attempt)
             else:
                 await self.hold_back(delivery, gate, now_ms)
 
