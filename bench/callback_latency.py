@@ -49,6 +49,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from orchestrator.infra.redis_server import RedisServer, free_port
+from orchestrator.store.jobs import JobStore
 from orchestrator.store.queue import connect
 from orchestrator.store.tenants import create_api_key
 from orchestrator.wire.signing import verify
@@ -146,8 +147,9 @@ async def main(args: argparse.Namespace) -> None:
                 submitted.clear()
 
                 total = int(args.rate * args.seconds)
+                assert server.process is not None
                 meter = CpuMeter({"api": api.pid, **{w.name: w.pid for w in workers}, "sandbox": sandbox.pid,
-                                  "bench": os.getpid()})
+                                  "bench": os.getpid(), "redis": server.process.pid})
                 meter.start()
                 if args.py_spy:
                     py_spy(procs, {"api": api.pid, **{w.name: w.pid for w in workers}}, args.py_spy,
@@ -191,6 +193,12 @@ async def main(args: argparse.Namespace) -> None:
                     prediction(str(events[j]["job.succeeded"][1]["provider_task_id"])) for j in job_ids))
                 sim_stats = (await sim.get("/_sim/stats")).json()
                 await sim.aclose()
+                # The worker's own record of each attempt: how long its POST took, seen from the worker.
+                store = JobStore(redis)
+                records = [await store.get_delivery(i) for i in {a.headers["webhook-id"] for a in receiver.arrivals}]
+                attempts = [a for d in records if d is not None for a in d.attempts]
+                post_ms = [a.latency_ms / 1000 for a in attempts]
+                retried = sum(1 for d in records if d is not None and len(d.attempts) > 1)
             await redis.aclose()
     finally:
         server.close()
@@ -218,6 +226,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"  completed -> job succeeded (callback, fetch, store): {ms_line(detect)}")
     print(f"  job succeeded -> webhook arrived (delivery queue):   {ms_line(deliver)}")
     print(f"provider started -> job.running webhook delivered:   {ms_line(running)}")
+    print(f"webhook attempts as the worker timed its POST: {ms_line(post_ms)}; {retried} deliveries retried")
     print(f"simulator requests: {json.dumps(sim_stats['requests'])}")
     print(cpu)
 
