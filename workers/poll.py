@@ -157,7 +157,8 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
     """
     if submission is not None:
         assert status.state in ("running", "succeeded"), "only a live or finished task is applied with its submission"
-        job = job.model_copy(update=submission)  # what the status adds to is the submitted record
+        # The submitted record, still `submitting`: the status adds to it, and the write carries both.
+        job = job.model_copy(update=submission)
     common: dict[str, Any] = {"provider_status": limits.clean_text(status.raw_status, 200),
                               "polls": job.polls + 1, "poll_errors": 0}
     if status.task_state is not None:
@@ -178,8 +179,6 @@ async def apply_status(rt: Runtime, provider: Provider, job: Job, status: TaskSt
     position = max(0, status.queue_position) if status.state == "queued" and status.queue_position is not None else None
     if position != job.provider_queue_position:
         common["provider_queue_position"] = position  # the view's ``queue`` (services/standing.py)
-    if submission is not None:
-        common = {**submission, **common}
     try:
         if status.state in ("queued", "unknown"):
             if status.state == "unknown":

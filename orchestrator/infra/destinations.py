@@ -216,17 +216,12 @@ class GuardedBackend(AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-def guarded_transport(limits: httpx.Limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-                      ) -> httpx.AsyncHTTPTransport:
-    """httpx's own transport, its connection pool built on ``GuardedBackend``."""
-    return transport(limits, client_ssl_context(trust_env=False), GuardedBackend())
-
-
 def webhook_client(timeout: float, allow_private: bool) -> httpx.AsyncClient:
-    """The HTTP client deliveries use: guarded unless private destinations are allowed."""
+    """The HTTP client deliveries use: its pool connects through ``GuardedBackend`` unless private
+    destinations are allowed."""
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     if allow_private:
         return StatelessClient(timeout=httpx.Timeout(timeout), follow_redirects=False,
                                transport=transport(limits, client_ssl_context()))
     return StatelessClient(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False,
-                             transport=guarded_transport(limits))
+                           transport=transport(limits, client_ssl_context(trust_env=False), GuardedBackend()))
